@@ -1,0 +1,43 @@
+"""One decoder block (HF ``SSESWAMoBABlock``): pre-norm token mixer and gated MLP, both residual."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spb2_jax.config import LayerKind, SpB2Config
+from spb2_jax.layers.attention import AttentionMixer
+from spb2_jax.layers.common import Dtype, GatedMLP, RMSNorm
+from spb2_jax.layers.sse_swa import SSESWAMixer
+
+
+class DecoderBlock(nn.Module):
+    """``h = x + mixer(rms(x)); y = h + mlp(rms(h))``.
+
+    Returns ``(y, mixer_output, aux_loss)``; the mixer output is zero at padding tokens (segment 0), as in the
+    official unpad/pad path.
+    """
+
+    config: SpB2Config
+    layer_idx: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        c = self.config
+        kind = c.layer_kind(self.layer_idx)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
+        if kind in (LayerKind.FULL, LayerKind.MOBA):
+            mixed = AttentionMixer(c, kind, name="attn", **kw)(h, segment_ids, positions)
+            aux = jnp.zeros((), jnp.float32)
+        else:
+            mixed, aux = SSESWAMixer(c, kind, name="attn", **kw)(h, segment_ids, positions, deterministic)
+        mixed = mixed * (segment_ids != 0)[..., None].astype(mixed.dtype)
+        h = x + mixed
+        m = RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(h)
+        y = h + GatedMLP(c.hidden_size, c.mlp_intermediate_size, c.initializer_range, name="mlp", **kw)(m)
+        return y, mixed, aux

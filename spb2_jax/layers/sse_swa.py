@@ -1,0 +1,129 @@
+"""SSE + sliding-window-attention hybrid token mixer (HF ``SSEGDNH`` / ``SSEGLAH``).
+
+``out = (rms(sse, sse_merge_norm) + rms(swa, swa_merge_norm)) / 2``; in training (``deterministic=False``)
+with probability ``swa_dropout`` the layer returns ``rms(sse, sse_merge_norm)`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from spb2_jax.config import LayerKind, SpB2Config
+from spb2_jax.layers.common import Dtype, RMSNorm, dense
+from spb2_jax.ops.attention import attention_reference
+from spb2_jax.ops.rope import apply_rope
+from spb2_jax.ops.sse import sse_aux_loss, sse_gdn_reference, sse_gla_reference, sse_route
+
+GLA_GATE_RANK = 16
+GLA_GATE_NORMALIZER = 16.0
+
+
+def _a_log_init(key, shape, dtype):
+    """Official init: ``A ~ U(0, 16)``, stored as ``log(A)``."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype):
+    """Official init: ``dt ~ logU(1e-3, 1e-1)`` clamped at 1e-4, stored as ``softplus^-1(dt)``."""
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(0.001)) + math.log(0.001)), 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class SSESWAMixer(nn.Module):
+    """One SSE (GDN or GLA, per ``kind``) + SWA layer; returns ``(output [B, T, D], aux_loss [])``."""
+
+    config: SpB2Config
+    kind: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _dense(self, features, name, use_bias=False):
+        return dense(features, name, self.config.initializer_range, use_bias=use_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+
+    def _norm(self, name):
+        return RMSNorm(eps=self.config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def _low_rank(self, x, name, rank, out, out_bias=False):
+        """HF ``nn.Sequential(Linear(D, rank), Linear(rank, out))`` as ``{name}_0``, ``{name}_1``."""
+        return self._dense(out, f"{name}_1", use_bias=out_bias)(self._dense(rank, f"{name}_0")(x))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        if self.kind not in (LayerKind.SSE_GDN, LayerKind.SSE_GLA):
+            raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
+        is_gla = self.kind == LayerKind.SSE_GLA
+        H, Dh, N = c.num_heads, c.head_dim, c.num_sparse_partition
+        f32 = jnp.float32
+        heads = lambda t: rearrange(t, "B T (N H) -> B T N H", H=Dh)  # noqa: E731
+
+        # ---- SSE projections ----
+        qkv_bias = c.attn.qkv_bias if is_gla else False
+        q1 = self._dense(H * Dh, "sse_q_proj", qkv_bias)(x)  # [B, T, N*H]
+        k1 = self._dense(H * Dh, "sse_k_proj", qkv_bias)(x)
+        q2 = q1 + self._low_rank(x, "lora_q_proj", Dh, H * Dh)
+        k2 = k1 + self._low_rank(x, "lora_k_proj", Dh, H * Dh)
+        v = self._dense(H * Dh, "sse_v_proj", qkv_bias)(x)
+        q1, q2, k1, k2, v = map(heads, (q1, q2, k1, k2, v))  # [B, T, H, Dh]
+        qk_act = nn.relu if c.sse_qk_relu else nn.silu
+        q1, q2 = qk_act(q1), qk_act(q2)
+        if is_gla:
+            k1 = jax.nn.softmax(k1.astype(f32), axis=-1).astype(v.dtype)
+            k2 = jax.nn.softmax(k2.astype(f32), axis=-1).astype(v.dtype)
+        else:
+            k1, k2 = qk_act(k1), qk_act(k2)
+        v = nn.silu(v)
+        p, write, read = sse_route(self._dense(N, "sse_e_proj")(x), c.num_writer, c.num_reader)  # [B, T, N]
+        form = c.sse_implementation
+
+        if is_gla:
+            gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, out_bias=True))
+                            for i in range(2)], axis=2)  # [B, T, 2, H, Dh]
+            gk = jax.nn.log_sigmoid(gk.astype(f32)) / GLA_GATE_NORMALIZER
+            sse_o, _ = sse_gla_reference(q1, k1, q2, k2, v, gk, p, write, read, form=form,
+                                         segment_ids=segment_ids)
+        else:
+            beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj")(x).astype(f32))  # [B, T, 2H]
+            if c.allow_neg_eigval:
+                beta = beta * 2.0
+            a_log = self.param("A_log", _a_log_init, (2 * H,), self.param_dtype)
+            dt_bias = self.param("dt_bias", _dt_bias_init, (2 * H,), self.param_dtype)
+            a = self._dense(2 * H, "sse_a_proj")(x).astype(f32)
+            g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2H]
+            two = lambda t: rearrange(t, "B T (two H) -> B T two H", two=2)  # noqa: E731
+            sse_o, _ = sse_gdn_reference(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, form=form,
+                                         segment_ids=segment_ids)
+
+        if c.use_output_gate:
+            gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh))
+            sse_o = self._norm("sse_o_norm")(sse_o, gate)
+        else:
+            sse_o = self._norm("sse_o_norm")(sse_o)
+        sse_o = self._dense(c.hidden_size, "sse_o_proj")(rearrange(sse_o, "B T N H -> B T (N H)"))
+        aux = sse_aux_loss(p, write, segment_ids != 0, c.num_writer)
+        sse_out = self._norm("sse_merge_norm")(sse_o)
+
+        # ---- sliding-window attention ----
+        a = c.attn
+        sq = rearrange(self._dense(H * Dh, "swa_q_proj", a.qkv_bias)(x), "B T (N H) -> B T N H", H=Dh)
+        sk = rearrange(self._dense(a.kv_heads * Dh, "swa_k_proj", a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
+        sv = rearrange(self._dense(a.kv_heads * Dh, "swa_v_proj", a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
+        if a.qk_norm:
+            sq, sk = self._norm("swa_q_norm")(sq), self._norm("swa_k_norm")(sk)
+        sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
+        swa_o = attention_reference(sq, sk, sv, segment_ids=segment_ids, causal=True, window=a.window_size)
+        swa_o = self._dense(c.hidden_size, "swa_o_proj")(rearrange(swa_o, "B T N H -> B T (N H)"))
+        out = (sse_out + self._norm("swa_merge_norm")(swa_o)) / 2
+
+        if not deterministic and c.swa_dropout > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), ()) < c.swa_dropout
+            out = jnp.where(drop, sse_out, out)
+        return out, aux

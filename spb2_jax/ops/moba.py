@@ -1,0 +1,80 @@
+"""Reference MoBA (mixture of block attention): per-token top-k block selection, dense masks, O(T^2) memory.
+
+Semantics (DESIGN.md): keys of each segment are split into blocks of ``chunk_size`` tokens counted from the
+segment start. For every query token and query head, ``gate_n = q . mean(k in block n)`` (float32); the query
+attends causally to its own block plus the ``topk - 1`` strictly earlier blocks with the largest gate (all of
+them when fewer exist). GQA: a query head gates with the block means of its kv head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from spb2_jax.ops.attention import attention_mask, default_segment_ids, dot_product_attention
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of every token inside its segment, ``[B, T] int32`` (restarts at 0 at each segment start)."""
+    T = segment_ids.shape[-1]
+    idx = jnp.arange(T, dtype=jnp.int32)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+    return idx - start
+
+
+def moba_selection(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    chunk_size: int,
+    topk: int,
+    segment_ids: jax.Array,
+) -> jax.Array:
+    """Selected blocks per query token and head: boolean ``[B, N, T, nblk]`` (block index within the segment)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    nblk = -(-T // chunk_size)
+    blk = segment_positions(segment_ids) // chunk_size  # [B, T]
+    # member[b, t, n, s]: key s is in block n of query t's segment
+    same_seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)  # [B, T, S]
+    member = same_seg[:, :, None, :] & (blk[:, None, None, :] == jnp.arange(nblk)[None, None, :, None])
+    member = member.astype(jnp.float32)  # [B, T, nblk, S]
+    count = jnp.maximum(member.sum(-1), 1.0)  # [B, T, nblk]
+    kmean = jnp.einsum("BTnS,BSKH->BTnKH", member, k.astype(jnp.float32)) / count[..., None, None]
+    qg = rearrange(q.astype(jnp.float32), "B T (K G) H -> B T K G H", K=K)
+    gate = jnp.einsum("BTKGH,BTnKH->BKGTn", qg, kmean, precision=jax.lax.Precision.HIGHEST)
+    gate = rearrange(gate, "B K G T n -> B (K G) T n")  # [B, N, T, nblk]
+    own = blk[:, None, :, None] == jnp.arange(nblk)  # [B, 1, T, nblk]
+    earlier = blk[:, None, :, None] > jnp.arange(nblk)
+    n_pick = min(topk - 1, nblk)
+    selected = own
+    if n_pick > 0:
+        masked = jnp.where(earlier, gate, -jnp.inf)
+        _, idx = jax.lax.top_k(masked, n_pick)  # [B, N, T, n_pick]
+        picked = jax.nn.one_hot(idx, nblk, dtype=bool).any(-2)
+        selected = selected | (picked & earlier)
+    return selected
+
+
+def moba_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    chunk_size: int,
+    topk: int,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """MoBA attention, ``q [B, T, N, H]``, ``k, v [B, T, K, H]`` -> ``[B, T, N, H]``; 0-segments are padding."""
+    if segment_ids is None:
+        segment_ids = default_segment_ids(q.shape[0], q.shape[1])
+    selected = moba_selection(q, k, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids)
+    blk = segment_positions(segment_ids) // chunk_size  # [B, S]
+    key_selected = jnp.take_along_axis(
+        selected, jnp.broadcast_to(blk[:, None, None, :], selected.shape[:3] + blk.shape[-1:]), axis=-1)
+    mask = attention_mask(segment_ids, causal=True)[:, None] & key_selected  # [B, N, T, S]
+    return dot_product_attention(q, k, v, mask, scale=scale)

@@ -1,0 +1,150 @@
+"""SSE (sparse state expansion) token mixing: router, the shared + sparse recurrences in both official forms.
+
+N partitions; a token writes to its top-``num_writer`` partitions of ``p = softmax(router logits)`` and reads
+from its top-``num_reader``. The shared branch is one recurrence over all tokens; the sparse branch has one
+state per partition.
+
+- ``"varlen"`` form (official default, requires readers == writers): partition n runs over *only* the tokens
+  that write to n, with inputs ``q * p_n``, ``k * p_n``; a token's output adds the outputs of the partitions it
+  belongs to. Here this is expressed without gathers: a non-writing token is an exact no-op on partition n
+  (GDN: ``g = beta = 0``; GLA: ``gk = 0``, ``k = 0``), and its partition output is masked out.
+- ``"mask"`` form: every partition runs over all tokens with ``q * p * read``, ``k * p * write``,
+  ``v * write``; GLA gates ``gk * write``; GDN gates ``g * read`` and ``beta * read`` (official quirk); the
+  outputs of all partitions are summed.
+
+States are float32 ``[B, 1 + N, H, K, V]``: index 0 is the shared state, 1..N the partitions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
+
+FORMS = ("varlen", "mask")
+
+
+def topk_mask(p: jax.Array, k: int) -> jax.Array:
+    """Boolean mask of the top-``k`` entries of ``p`` over the last axis (ties: lower index first)."""
+    _, idx = jax.lax.top_k(p, k)
+    return jax.nn.one_hot(idx, p.shape[-1], dtype=bool).any(-2)
+
+
+def sse_route(logits: jax.Array, num_writer: int, num_reader: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router: ``p = softmax(logits)`` in float32 ``[B, T, N]`` plus boolean writer and reader masks."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return p, topk_mask(p, num_writer), topk_mask(p, num_reader)
+
+
+def sse_aux_loss(p: jax.Array, write: jax.Array, valid: jax.Array, num_writer: int) -> jax.Array:
+    """Load-balance loss ``N / num_writer * sum_n mean_tok(p_n) * mean_tok(write_n)`` over ``valid`` tokens."""
+    N = p.shape[-1]
+    valid = valid.astype(jnp.float32)[..., None]  # [B, T, 1]
+    count = jnp.maximum(valid.sum(), 1.0)
+    mean_p = (p * valid).sum((0, 1)) / count
+    mean_w = (write.astype(jnp.float32) * valid).sum((0, 1)) / count
+    return jnp.sum(mean_p * mean_w) * N / num_writer
+
+
+def _expand_sparse(q2, k2, p, write, read, form):
+    """Per-partition q, k ``[B, T, N, H, K]`` and the (gate mask, output mask) ``[B, T, N]`` of each form."""
+    dtype = q2.dtype
+    pq = p.astype(dtype)
+    w = write.astype(dtype)
+    r = read.astype(dtype)
+    if form == "varlen":
+        qn = q2[:, :, None] * pq[..., None, None]
+        kn = k2[:, :, None] * (pq * w)[..., None, None]  # non-writers are masked (and no-ops anyway)
+        return qn, kn, w, w
+    qn = q2[:, :, None] * (pq * r)[..., None, None]
+    kn = k2[:, :, None] * (pq * w)[..., None, None]
+    return qn, kn, r, None
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"sse form={form!r} must be one of {FORMS}")
+
+
+def _cat_heads(shared: jax.Array, sparse: jax.Array) -> jax.Array:
+    """``[B, T, H, ...]`` + ``[B, T, N, H, ...]`` -> ``[B, T, (1 + N) * H, ...]``."""
+    both = jnp.concatenate([shared[:, :, None], sparse], axis=2)
+    return rearrange(both, "B T n H ... -> B T (n H) ...")
+
+
+def _split_out(o: jax.Array, out_mask: jax.Array | None, n_total: int) -> jax.Array:
+    """Sum the shared output and the (masked) partition outputs: ``[B, T, (1+N)H, V] -> [B, T, H, V]``."""
+    o = rearrange(o, "B T (n H) V -> B T n H V", n=n_total).astype(jnp.float32)
+    shared, sparse = o[:, :, 0], o[:, :, 1:]
+    if out_mask is not None:
+        sparse = sparse * out_mask.astype(jnp.float32)[..., None, None]
+    return shared + sparse.sum(2)
+
+
+def _state_in(initial_state):
+    return None if initial_state is None else rearrange(initial_state, "B n H K V -> B (n H) K V")
+
+
+def sse_gdn_reference(
+    q1, k1, q2, k2, v, g, beta, p, write, read, *,
+    form: str = "varlen",
+    segment_ids: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """SSE with the gated delta rule (q, k L2-normalised inside the recurrence).
+
+    Args:
+      q1, k1 (shared) and q2, k2 (sparse): ``[B, T, H, K]`` after the feature map; v: ``[B, T, H, V]``.
+      g, beta: ``[B, T, 2, H]``: index 0 -> shared branch, 1 -> sparse branch.
+      p: router probabilities ``[B, T, N]``; write, read: boolean ``[B, T, N]``.
+      form: ``"varlen"`` or ``"mask"`` (module docstring). initial_state: ``[B, 1 + N, H, K, V]``.
+    Returns:
+      ``o [B, T, H, V]`` (``v.dtype``) and the final states ``[B, 1 + N, H, K, V]`` float32.
+    """
+    _check_form(form)
+    N = p.shape[-1]
+    qn, kn, gate_mask, out_mask = _expand_sparse(q2, k2, p, write, read, form)
+    gm = gate_mask.astype(g.dtype)[..., None]  # [B, T, N, 1]
+    g_all = jnp.concatenate([g[:, :, :1], g[:, :, 1:2] * gm], axis=2)  # [B, T, 1+N, H]
+    b_all = jnp.concatenate([beta[:, :, :1], beta[:, :, 1:2] * gm.astype(beta.dtype)], axis=2)
+    v_sparse = jnp.broadcast_to(v[:, :, None], v.shape[:2] + (N,) + v.shape[2:])
+    if form == "mask":
+        v_sparse = v_sparse * write.astype(v.dtype)[..., None, None]
+    o, state = gated_delta_rule_reference(
+        _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse),
+        rearrange(g_all, "B T n H -> B T (n H)"), rearrange(b_all, "B T n H -> B T (n H)"),
+        initial_state=_state_in(initial_state), segment_ids=segment_ids, use_qk_l2norm=True)
+    out = _split_out(o, out_mask, N + 1).astype(v.dtype)
+    return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
+
+
+def sse_gla_reference(
+    q1, k1, q2, k2, v, gk, p, write, read, *,
+    form: str = "varlen",
+    segment_ids: jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """SSE with gated linear attention (per-key log gates).
+
+    Args:
+      q1, k1, q2, k2: ``[B, T, H, K]`` after the feature maps; v: ``[B, T, H, V]``.
+      gk: ``[B, T, 2, H, K]`` log gates: index 0 -> shared branch, 1 -> sparse branch.
+      p, write, read, form, segment_ids, initial_state: as in ``sse_gdn_reference``.
+    Returns:
+      ``o [B, T, H, V]`` and the final states ``[B, 1 + N, H, K, V]`` float32.
+    """
+    _check_form(form)
+    N = p.shape[-1]
+    qn, kn, _, out_mask = _expand_sparse(q2, k2, p, write, read, form)
+    wm = write.astype(gk.dtype)[..., None, None]  # [B, T, N, 1, 1]
+    gk_sparse = gk[:, :, 1:2] * wm  # both forms gate the sparse decay with the write mask
+    v_sparse = jnp.broadcast_to(v[:, :, None], v.shape[:2] + (N,) + v.shape[2:])
+    if form == "mask":
+        v_sparse = v_sparse * write.astype(v.dtype)[..., None, None]
+    o, state = gla_reference(
+        _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse), _cat_heads(gk[:, :, 0], gk_sparse),
+        initial_state=_state_in(initial_state), segment_ids=segment_ids)
+    out = _split_out(o, out_mask, N + 1).astype(v.dtype)
+    return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
