@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from spb2_jax.config import SpB2Config
 from spb2_jax.layers.block import DecoderBlock
 from spb2_jax.layers.common import Dtype, RMSNorm
+from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.moba import segment_positions
 
 IGNORE_INDEX = -100
@@ -158,10 +159,11 @@ def causal_lm_loss(
         raise ValueError(f"labels shape {labels.shape} != logits batch/time shape {logits.shape[:2]}")
     shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = shifted != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    acc = acc_dtype(logits)
+    logp = jax.nn.log_softmax(logits.astype(acc), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, shifted, 0)[..., None], axis=-1)[..., 0]
     ce = jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
-    aux = jnp.sum(aux_losses.astype(jnp.float32))
+    aux = jnp.sum(aux_losses.astype(acc))
     return {"loss": ce + aux_loss_coef * aux, "ce_loss": ce, "aux_loss": aux}
 
 

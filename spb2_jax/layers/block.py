@@ -10,6 +10,7 @@ from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.attention import AttentionMixer
 from spb2_jax.layers.common import Dtype, GatedMLP, RMSNorm
 from spb2_jax.layers.sse_swa import SSESWAMixer
+from spb2_jax.ops.dtypes import acc_dtype
 
 
 class DecoderBlock(nn.Module):
@@ -33,7 +34,7 @@ class DecoderBlock(nn.Module):
         h = RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
         if kind in (LayerKind.FULL, LayerKind.MOBA):
             mixed = AttentionMixer(c, kind, name="attn", **kw)(h, segment_ids, positions)
-            aux = jnp.zeros((), jnp.float32)
+            aux = jnp.zeros((), acc_dtype(x))
         else:
             mixed, aux = SSESWAMixer(c, kind, name="attn", **kw)(h, segment_ids, positions, deterministic)
         mixed = mixed * (segment_ids != 0)[..., None].astype(mixed.dtype)

@@ -16,6 +16,7 @@ from einops import rearrange
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
 from spb2_jax.ops.attention import attention_reference
+from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.rope import apply_rope
 from spb2_jax.ops.sse import sse_aux_loss, sse_gdn_reference, sse_gla_reference, sse_route
 
@@ -62,7 +63,7 @@ class SSESWAMixer(nn.Module):
             raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
         is_gla = self.kind == LayerKind.SSE_GLA
         H, Dh, N = c.num_heads, c.head_dim, c.num_sparse_partition
-        f32 = jnp.float32
+        f32 = acc_dtype(x)
         heads = lambda t: rearrange(t, "B T (N H) -> B T N H", H=Dh)  # noqa: E731
 
         # ---- SSE projections ----

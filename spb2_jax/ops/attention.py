@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from spb2_jax.ops.dtypes import acc_dtype
+
 _MASKED = -1e30  # finite, so fully-masked rows give a finite softmax that is then zeroed
 
 
@@ -58,7 +60,8 @@ def dot_product_attention(
         raise ValueError(f"query heads {N=} must be a multiple of kv heads {K=}")
     scale = H ** -0.5 if scale is None else scale
     qg = rearrange(q, "B T (K G) H -> B K G T H", K=K)
-    logits = jnp.einsum("BKGTH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    acc = acc_dtype(q, k, v)
+    logits = jnp.einsum("BKGTH,BSKH->BKGTS", qg, k, preferred_element_type=acc) * scale
     if mask.ndim == 3:
         m = mask[:, None, None]  # [B, 1, 1, T, S]
     else:
@@ -66,7 +69,7 @@ def dot_product_attention(
     logits = jnp.where(m, logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(m, probs, 0.0)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(acc))
     return rearrange(out, "B T K G H -> B T (K G) H").astype(q.dtype)
 
 

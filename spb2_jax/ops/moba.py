@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.attention import attention_mask, default_segment_ids, dot_product_attention
+from spb2_jax.ops.dtypes import acc_dtype
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -41,10 +42,11 @@ def moba_selection(
     # member[b, t, n, s]: key s is in block n of query t's segment
     same_seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)  # [B, T, S]
     member = same_seg[:, :, None, :] & (blk[:, None, None, :] == jnp.arange(nblk)[None, None, :, None])
-    member = member.astype(jnp.float32)  # [B, T, nblk, S]
+    acc = acc_dtype(q, k)
+    member = member.astype(acc)  # [B, T, nblk, S]
     count = jnp.maximum(member.sum(-1), 1.0)  # [B, T, nblk]
-    kmean = jnp.einsum("BTnS,BSKH->BTnKH", member, k.astype(jnp.float32)) / count[..., None, None]
-    qg = rearrange(q.astype(jnp.float32), "B T (K G) H -> B T K G H", K=K)
+    kmean = jnp.einsum("BTnS,BSKH->BTnKH", member, k.astype(acc)) / count[..., None, None]
+    qg = rearrange(q.astype(acc), "B T (K G) H -> B T K G H", K=K)
     gate = jnp.einsum("BTKGH,BTnKH->BKGTn", qg, kmean, precision=jax.lax.Precision.HIGHEST)
     gate = rearrange(gate, "B K G T n -> B (K G) T n")  # [B, N, T, nblk]
     own = blk[:, None, :, None] == jnp.arange(nblk)  # [B, 1, T, nblk]

@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
 
 
@@ -27,7 +28,8 @@ def _segment_scan(
     B, T = xs[0].shape[:2]
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    state0 = jnp.zeros(state_shape, jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    acc = acc_dtype(*xs)
+    state0 = jnp.zeros(state_shape, acc) if initial_state is None else initial_state.astype(acc)
     bshape = (B,) + (1,) * (len(state_shape) - 1)
 
     def body(carry, inp):
@@ -74,7 +76,7 @@ def gated_delta_rule_reference(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    f32 = jnp.float32
+    f32 = acc_dtype(q, k, v, g, beta)
     if use_qk_l2norm:
         q, k = l2_norm(q.astype(f32)), l2_norm(k.astype(f32))
 
@@ -119,6 +121,6 @@ def gla_reference(
         S = S * jnp.exp(gk_t)[..., None] + k_t[..., :, None] * v_t[..., None, :]
         return S, jnp.einsum("BHK,BHKV->BHV", q_t * scale, S)
 
-    xs = tuple(x.astype(jnp.float32) for x in (q, k, v, gk))
+    xs = tuple(x.astype(acc_dtype(q, k, v, gk)) for x in (q, k, v, gk))
     o, S = _segment_scan(step, xs, (B, H, K, V), initial_state, segment_ids)
     return o.astype(v.dtype), S

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
 
 FORMS = ("varlen", "mask")
@@ -34,17 +35,17 @@ def topk_mask(p: jax.Array, k: int) -> jax.Array:
 
 def sse_route(logits: jax.Array, num_writer: int, num_reader: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router: ``p = softmax(logits)`` in float32 ``[B, T, N]`` plus boolean writer and reader masks."""
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p = jax.nn.softmax(logits.astype(acc_dtype(logits)), axis=-1)
     return p, topk_mask(p, num_writer), topk_mask(p, num_reader)
 
 
 def sse_aux_loss(p: jax.Array, write: jax.Array, valid: jax.Array, num_writer: int) -> jax.Array:
     """Load-balance loss ``N / num_writer * sum_n mean_tok(p_n) * mean_tok(write_n)`` over ``valid`` tokens."""
     N = p.shape[-1]
-    valid = valid.astype(jnp.float32)[..., None]  # [B, T, 1]
+    valid = valid.astype(p.dtype)[..., None]  # [B, T, 1]
     count = jnp.maximum(valid.sum(), 1.0)
     mean_p = (p * valid).sum((0, 1)) / count
-    mean_w = (write.astype(jnp.float32) * valid).sum((0, 1)) / count
+    mean_w = (write.astype(p.dtype) * valid).sum((0, 1)) / count
     return jnp.sum(mean_p * mean_w) * N / num_writer
 
 
@@ -76,10 +77,11 @@ def _cat_heads(shared: jax.Array, sparse: jax.Array) -> jax.Array:
 
 def _split_out(o: jax.Array, out_mask: jax.Array | None, n_total: int) -> jax.Array:
     """Sum the shared output and the (masked) partition outputs: ``[B, T, (1+N)H, V] -> [B, T, H, V]``."""
-    o = rearrange(o, "B T (n H) V -> B T n H V", n=n_total).astype(jnp.float32)
+    o = rearrange(o, "B T (n H) V -> B T n H V", n=n_total)
+    o = o.astype(acc_dtype(o))
     shared, sparse = o[:, :, 0], o[:, :, 1:]
     if out_mask is not None:
-        sparse = sparse * out_mask.astype(jnp.float32)[..., None, None]
+        sparse = sparse * out_mask.astype(o.dtype)[..., None, None]
     return shared + sparse.sum(2)
 
 
