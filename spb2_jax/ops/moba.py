@@ -52,7 +52,7 @@ def moba_selection(
     own = blk[:, None, :, None] == jnp.arange(nblk)  # [B, 1, T, nblk]
     earlier = blk[:, None, :, None] > jnp.arange(nblk)
     n_pick = min(topk - 1, nblk)
-    selected = own
+    selected = jnp.broadcast_to(own, gate.shape)  # [B, N, T, nblk] also when topk == 1
     if n_pick > 0:
         masked = jnp.where(earlier, gate, -jnp.inf)
         _, idx = jax.lax.top_k(masked, n_pick)  # [B, N, T, n_pick]
