@@ -495,3 +495,17 @@ def test_bench_load_memory_tool(tmp_path):
     assert result["param_bytes"] == 4 * n_params
     assert result["peak_rss"] >= result["baseline_rss"] > 0
     assert result["ratio_raw"] == pytest.approx(result["peak_rss"] / result["param_bytes"])
+
+
+def test_loading_streams_within_1_3x_the_parameter_bytes(tmp_path):
+    """Peak RSS of a fresh process loading a ~0.5 GB bf16 checkpoint, net of its interpreter + JAX baseline, is
+    at most 1.3x the parameter bytes (the memory-mapped loader this replaced measured ~2.3x here). The 5B
+    measurement is in BENCHMARKS.md."""
+    tool = _load_tool("make_random_checkpoint")
+    config = SpB2Config.from_json_file(REPO / "configs" / "tiny.json").replace(
+        hidden_size=1024, intermediate_size=4096, head_dim=256, vocab_size=8192, num_hidden_layers=12)
+    tool.make_random_checkpoint(config, str(tmp_path / "ckpt"), max_shard_size="200MB", progress=False)
+    bench = _load_tool("bench_load_memory")
+    result = bench.run(str(tmp_path / "ckpt"))
+    assert result["param_bytes"] > 400e6
+    assert result["ratio_net"] <= 1.3, bench.format_table(result)
