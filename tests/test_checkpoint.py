@@ -482,13 +482,17 @@ def test_make_random_checkpoint_tool(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
 
 
-def test_bench_load_memory_tool(tmp_path):
+def test_bench_load_memory_tool(tmp_path, capsys):
     out = tmp_path / "ckpt"
     _copy_fixture("tiny", out)
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_load_memory.py"), str(out),
-                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, check=True)
-    assert "peak / param bytes (raw)" in proc.stdout
+    # an earlier, bigger child of this process must not leak into the measured peak
+    big = 1 << 30
+    subprocess.run([sys.executable, "-c", f"b = bytearray({big}); b[::4096] = bytes(len(b[::4096]))"], check=True)
+    bench = _load_tool("bench_load_memory")
+    assert bench.main([str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert "peak / param bytes (raw)" in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())
+    assert result["peak_rss"] < big
     config = SpB2Config.from_pretrained(out)
     n_params = sum(int(np.prod(s)) for _, s, _ in hf_param_spec(config).values())
     assert result["n_params"] == n_params

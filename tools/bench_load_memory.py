@@ -4,8 +4,8 @@
 The load runs in a fresh child process so that nothing else is resident. The child records its resident set
 size (RSS) after ``import jax, spb2_jax`` and JAX backend start-up (the *baseline*), loads the checkpoint
 (``jax.block_until_ready`` on every leaf), then reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``),
-the parameter bytes and the load time. The parent cross-checks the peak with ``getrusage(RUSAGE_CHILDREN)``
-and prints a table with the ratio peak / parameter bytes, raw and net of the baseline.
+the parameter bytes and the load time. The parent cross-checks the peak with the child's own rusage from
+``os.wait4`` and prints a table with the ratio peak / parameter bytes, raw and net of the baseline.
 
 Example::
 
@@ -90,12 +90,17 @@ def _disk_bytes(path: str) -> int:
 def run(path: str, dtype: str | None = None) -> dict:
     """Measure ``load_hf(path, dtype)`` in a fresh subprocess; returns the measurements (see ``child``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", path] + (["--dtype", dtype] if dtype else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    proc.stdout.close()
+    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in every earlier child of this process)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"the loading subprocess failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["children_peak_rss"] = _peak_rss_bytes(resource.RUSAGE_CHILDREN)
-    result["peak_rss"] = max(result["peak_rss"], result["children_peak_rss"])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["wait4_peak_rss"] = usage.ru_maxrss * 1024
+    result["peak_rss"] = max(result["peak_rss"], result["wait4_peak_rss"])
     result["ratio_raw"] = result["peak_rss"] / result["param_bytes"]
     result["ratio_net"] = (result["peak_rss"] - result["baseline_rss"]) / result["param_bytes"]
     result["disk_bytes"] = _disk_bytes(path)
