@@ -19,7 +19,7 @@ from spb2_jax.config import SpB2Config
 from spb2_jax.layers.block import DecoderBlock
 from spb2_jax.layers.common import Dtype, RMSNorm
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.moba import segment_positions
+from spb2_jax.ops.segments import segment_positions
 
 IGNORE_INDEX = -100
 

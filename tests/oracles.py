@@ -6,10 +6,10 @@ vectorised masks, no shared helpers with the JAX code. Everything is computed in
 Shapes follow DESIGN.md: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; per-head gates ``[B, T, H]``; GLA gates
 ``[B, T, H, K]``; states ``[B, H, K, V]`` (SSE: ``[B, 1 + N, H, K, V]``); ``segment_ids [B, T]`` with 0 = padding.
 
-Segments: a row is cut into *segments*, the groups of real (nonzero-id) tokens in order, a new segment starting
-at every real token whose id differs from the previous real token's id (padding tokens belong to no segment).
-This is the recurrence rule of ``spb2_jax/ops/recurrent.py``; for rows whose segments are contiguous runs with
-distinct ids (all that the tests build) it is the same as ``cu_seqlens`` in the official code.
+Segments: a row is cut into *segments*, the maximal runs of consecutive tokens with the same nonzero id
+(padding, id 0, belongs to no segment and ends the run; ``[1, 1, 0, 1]`` is two segments). This is the
+contract of ``spb2_jax/ops/segments.py`` and equals ``cu_seqlens`` in the official code for packed rows with
+left/right padding.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ def _default_segments(B: int, T: int, segment_ids):
 def segments_of_row(seg_row) -> list[np.ndarray]:
     """Token indices of each segment of one row, in order (see module docstring)."""
     groups: list[list[int]] = []
-    last = 0
+    prev = 0
     for t, s in enumerate(np.asarray(seg_row).tolist()):
-        if s == 0:
-            continue
-        if s != last:
-            groups.append([])
-        groups[-1].append(t)
-        last = s
+        if s != 0:
+            if s != prev:
+                groups.append([])
+            groups[-1].append(t)
+        prev = s
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
@@ -109,8 +108,8 @@ def _softmax_rows_attend(qv, keys, vals, scale):
 def attention(q, k, v, segment_ids=None, causal=True, window=None, scale=None):
     """Masked GQA softmax attention; query head n uses kv head ``n // (N // K)``.
 
-    Query i sees key j iff both are real tokens of the same segment id, (causal) j <= i, and (window)
-    i - window < j. A query with no visible key (padding) outputs zeros.
+    Query i sees key j iff both are real tokens of the same segment (``segments_of_row``), (causal) j <= i,
+    and (window) i - window < j. A query with no visible key (padding) outputs zeros.
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, T, N, H = q.shape
@@ -120,11 +119,14 @@ def attention(q, k, v, segment_ids=None, causal=True, window=None, scale=None):
     seg = _default_segments(B, T, segment_ids)
     out = np.zeros((B, T, N, v.shape[-1]), F64)
     for b in range(B):
+        which = np.full(T, -1)
+        for si, idx in enumerate(segments_of_row(seg[b])):
+            which[idx] = si
         for i in range(T):
             if seg[b, i] == 0:
                 continue
             vis = [j for j in range(S)
-                   if seg[b, j] == seg[b, i]
+                   if which[j] == which[i]
                    and (not causal or j <= i)
                    and (window is None or i - window < j)]
             for n in range(N):
@@ -205,23 +207,21 @@ def _run_tokens(step, S0, inputs):
 
 
 def _token_loop(step_fn, per_token, B, T, H, K, V, initial_state, segment_ids):
-    """Per-token loop with the segment rule of recurrent.py: padding is a no-op with zero output; the state
-    resets to zero at a real token whose id differs from the previous real token's id."""
+    """Per-token loop with the segment rule of DESIGN / segments.py: padding is a no-op with zero output; the
+    state resets to zero at every segment start (see ``segments_of_row``) except the row's first segment."""
     seg = _default_segments(B, T, segment_ids)
     out = np.zeros((B, T, H, V), F64)
     final = np.zeros((B, H, K, V), F64)
     for b in range(B):
+        starts = {int(idx[0]) for idx in segments_of_row(seg[b])[1:]}
         for h in range(H):
             S = np.zeros((K, V), F64) if initial_state is None else _f64(initial_state)[b, h].copy()
-            last = 0
             for t in range(T):
-                s = seg[b, t]
-                if s == 0:
+                if seg[b, t] == 0:
                     continue
-                if last != 0 and s != last:
+                if t in starts:
                     S = np.zeros((K, V), F64)
                 S, out[b, t, h] = step_fn(S, *per_token(b, t, h))
-                last = s
             final[b, h] = S
     return out, final
 

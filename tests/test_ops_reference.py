@@ -97,6 +97,14 @@ def make_segment_ids(B: int, T: int, layout: str) -> np.ndarray:
             for n, i in zip(lens, ids):
                 seg[b, start:start + n] = i
                 start += n
+        elif layout == "holes":  # ids reused: a padding hole or another id in between starts a new segment
+            third = max(1, T // 3)
+            if b % 2 == 0:
+                seg[b] = 1
+                seg[b, third:third + 2] = 0
+            else:
+                seg[b] = 2
+                seg[b, third:2 * third] = 3
         else:
             raise ValueError(layout)
     return seg
@@ -177,8 +185,9 @@ def test_l2_norm_eps_inside_sqrt_and_zero_vector():
 
 
 @pytest.mark.parametrize("B,T,N,D,layout", [(1, 1, 1, 32, "single"), (2, 75, 4, 64, "varlen"),
-                                            (2, 40, 2, 32, "leftpad")],
-                         ids=["B1-T1-H1-D32-single", "B2-T75-H4-D64-varlen", "B2-T40-H2-D32-leftpad"])
+                                            (2, 40, 2, 32, "leftpad"), (2, 45, 2, 32, "holes")],
+                         ids=["B1-T1-H1-D32-single", "B2-T75-H4-D64-varlen", "B2-T40-H2-D32-leftpad",
+                              "B2-T45-H2-D32-holes"])
 def test_segment_positions_and_rope(B, T, N, D, layout):
     seg = make_segment_ids(B, T, layout)
     pos = np.asarray(jcall(ops.segment_positions, jnp.asarray(seg)))
@@ -205,6 +214,7 @@ ATTN_CASES = [
     (1, 33, 2, 2, 32, 1, "single", True),
     (2, 50, 4, 4, 32, None, "varlen", False),
     (2, 40, 4, 2, 32, 200, "rightpad", True),
+    (2, 45, 4, 2, 32, 9, "holes", True),
 ]
 
 
@@ -242,6 +252,7 @@ MOBA_CASES = [
     (1, 100, 4, 4, 32, 8, 4, "single"),
     (2, 90, 4, 2, 64, 16, 1, "leftpad"),  # topk 1 with KV > 1 crashed before the moba_selection fix
     (2, 50, 4, 2, 32, 7, 3, "rightpad"),
+    (2, 45, 4, 2, 32, 6, 3, "holes"),
 ]
 
 
@@ -303,6 +314,7 @@ GDN_CASES = [
     (2, 37, 2, 32, 64, "leftpad", 8.0, True),
     (2, 64, 1, 64, 32, "rightpad", 1.0, False),
     (2, 1, 1, 32, 32, "varlen", 1.0, True),
+    (2, 45, 2, 32, 32, "holes", 1.0, True),
 ]
 
 
@@ -357,6 +369,7 @@ GLA_CASES = [
     (2, 100, 2, 64, 64, "single", True, True),
     (2, 37, 2, 32, 64, "leftpad", True, False),
     (2, 64, 1, 64, 32, "rightpad", False, True),
+    (2, 45, 2, 32, 32, "holes", False, True),
 ]
 
 

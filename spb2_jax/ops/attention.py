@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
+from spb2_jax.ops.segments import segment_labels
 
 _MASKED = -1e30  # finite, so fully-masked rows give a finite softmax that is then zeroed
 
@@ -25,11 +26,12 @@ def attention_mask(
     causal: bool = True,
     window: int | None = None,
 ) -> jax.Array:
-    """Boolean ``[B, T, T]``: query i may see key j (same nonzero segment, j <= i, i - j < window)."""
+    """Boolean ``[B, T, T]``: query i may see key j (same segment, j <= i, i - j < window)."""
     T = segment_ids.shape[-1]
+    labels = segment_labels(segment_ids)
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)  # [B, T, S]
+    mask = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] != 0)  # [B, T, S]
     if causal:
         mask &= j <= i
     if window is not None:

@@ -80,7 +80,7 @@ def chunk_gated_delta_rule(
     to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
     xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g), to_chunks(beta),
           rearrange(runs, "B (n C) -> n B C", C=C))
-    run_before = jnp.concatenate([jnp.zeros((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]
+    run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]
     xs = xs + (jnp.moveaxis(run_before, 1, 0),)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
     S, o = jax.lax.scan(jax.checkpoint(_chunk_step), S0, xs)

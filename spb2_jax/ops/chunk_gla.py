@@ -65,7 +65,7 @@ def chunk_gla(
     if runs.shape[1] > T:
         runs = runs.at[:, T:].set(runs[:, T - 1:T])
     to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
-    run_before = jnp.concatenate([jnp.zeros((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)
+    run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)
     xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk), rearrange(runs, "B (n C) -> n B C", C=C),
           jnp.moveaxis(run_before, 1, 0))
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)

@@ -14,16 +14,7 @@ from einops import rearrange
 
 from spb2_jax.ops.attention import attention_mask, default_segment_ids, dot_product_attention
 from spb2_jax.ops.dtypes import acc_dtype
-
-
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-    """Position of every token inside its segment, ``[B, T] int32`` (restarts at 0 at each segment start)."""
-    T = segment_ids.shape[-1]
-    idx = jnp.arange(T, dtype=jnp.int32)
-    is_start = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
-    return idx - start
+from spb2_jax.ops.segments import segment_labels, segment_positions
 
 
 def moba_selection(
@@ -40,7 +31,8 @@ def moba_selection(
     nblk = -(-T // chunk_size)
     blk = segment_positions(segment_ids) // chunk_size  # [B, T]
     # member[b, t, n, s]: key s is in block n of query t's segment
-    same_seg = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)  # [B, T, S]
+    labels = segment_labels(segment_ids)
+    same_seg = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] != 0)  # [B, T, S]
     member = same_seg[:, :, None, :] & (blk[:, None, None, :] == jnp.arange(nblk)[None, None, :, None])
     acc = acc_dtype(q, k)
     member = member.astype(acc)  # [B, T, nblk, S]

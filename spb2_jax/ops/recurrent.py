@@ -1,9 +1,9 @@
 """Reference linear-attention recurrences: one ``jax.lax.scan`` step per token, float32 state ``[B, H, K, V]``.
 
-Both recurrences share the same segment handling (``segment_ids [B, T]``, 0 = padding):
+Both recurrences share the segment handling of ``spb2_jax.ops.segments`` (``segment_ids [B, T]``, 0 = padding):
 - a padding token leaves the state untouched and outputs zeros;
-- the state is reset to zero at a token whose segment differs from the previous *real* token's segment
-  (``initial_state`` is the state before the first segment of each row, so left padding keeps it).
+- the state is reset to zero at every segment start except the first segment of a row, which continues
+  ``initial_state`` (so left padding keeps it).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
+from spb2_jax.ops.segments import segment_labels
 
 
 def _segment_scan(
@@ -28,24 +29,25 @@ def _segment_scan(
     B, T = xs[0].shape[:2]
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
+    labels = segment_labels(segment_ids)
     acc = acc_dtype(*xs)
     state0 = jnp.zeros(state_shape, acc) if initial_state is None else initial_state.astype(acc)
     bshape = (B,) + (1,) * (len(state_shape) - 1)
 
     def body(carry, inp):
-        state, last_seg = carry
-        seg, x = inp
-        active = seg != 0
-        reset = active & (last_seg != 0) & (seg != last_seg)
+        state, last_label = carry
+        label, x = inp
+        active = label != 0
+        reset = active & (label > 1) & (label != last_label)
         state = jnp.where(reset.reshape(bshape), 0.0, state)
         new_state, o = step(state, x)
         state = jnp.where(active.reshape(bshape), new_state, state)
         o = jnp.where(active.reshape((B,) + (1,) * (o.ndim - 1)), o, 0.0)
-        return (state, jnp.where(active, seg, last_seg)), o
+        return (state, jnp.where(active, label, last_label)), o
 
     xs_t = tuple(jnp.moveaxis(x, 1, 0) for x in xs)
-    (state, _), o = jax.lax.scan(body, (state0, jnp.zeros((B,), segment_ids.dtype)),
-                                 (jnp.moveaxis(segment_ids, 1, 0), xs_t))
+    (state, _), o = jax.lax.scan(body, (state0, jnp.zeros((B,), labels.dtype)),
+                                 (jnp.moveaxis(labels, 1, 0), xs_t))
     return jnp.moveaxis(o, 0, 1), state
 
 

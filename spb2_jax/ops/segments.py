@@ -1,8 +1,12 @@
-"""Segment bookkeeping shared by the chunked recurrences.
+"""Segments: the JAX form of ``cu_seqlens``.
 
-The recurrences reset their state where a real token's segment differs from the previous real token's
-segment (padding tokens, segment 0, are transparent; the first segment of a row keeps ``initial_state``).
-``run_ids`` numbers these contiguous runs so that two tokens may interact iff their run ids are equal.
+``segment_ids [B, T]`` (0 = padding). A *segment* is a maximal run of consecutive tokens with the same nonzero
+id; padding or a change of id ends it. Tokens mix (attention, MoBA, SWA, recurrences) only inside a segment;
+positions restart at 0 at every segment start. Recurrences start every segment from a zero state, except the
+first segment of each row, which continues ``initial_state`` (so a left-padded row keeps it).
+
+An HF ``attention_mask`` with left or right padding is therefore exactly the official unpadded semantics;
+zeros *inside* a row would split it into two segments.
 """
 
 from __future__ import annotations
@@ -11,16 +15,32 @@ import jax
 import jax.numpy as jnp
 
 
-def run_ids(segment_ids: jax.Array) -> jax.Array:
-    """``[B, T] int32``: 0 for the run that continues ``initial_state``, +1 at every state reset."""
-    B, T = segment_ids.shape
-    real = segment_ids != 0
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """Boolean ``[B, T]``: the token starts a segment (real, and first of the row or its id differs)."""
+    prev = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]), segment_ids[:, :-1]], axis=1)
+    return (segment_ids != 0) & (segment_ids != prev)
+
+
+def segment_labels(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T] int32``: 0 for padding, ``k`` for the k-th segment of the row (1-based)."""
+    labels = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+    return jnp.where(segment_ids != 0, labels, 0)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of every token inside its segment, ``[B, T] int32`` (padding: distance from its own run start)."""
+    T = segment_ids.shape[-1]
     idx = jnp.arange(T, dtype=jnp.int32)
-    last_real = jax.lax.cummax(jnp.where(real, idx, -1), axis=1)  # [B, T] index of last real token <= t
-    prev_idx = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), last_real[:, :-1]], axis=1)
-    prev_seg = jnp.where(prev_idx >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(prev_idx, 0), axis=1), 0)
-    change = real & (prev_seg != 0) & (segment_ids != prev_seg)
-    return jnp.cumsum(change.astype(jnp.int32), axis=1)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+
+
+def run_ids(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T] int32`` state-run index for chunked recurrences: the segment label, carried forward over
+    padding (which is a no-op), with leading padding merged into the first segment (run 1, which owns
+    ``initial_state``). Two tokens share a recurrent state iff their run ids are equal."""
+    return jnp.maximum(jax.lax.cummax(segment_labels(segment_ids), axis=1), 1)
 
 
 def pad_time(x: jax.Array, multiple: int, value=0) -> jax.Array:

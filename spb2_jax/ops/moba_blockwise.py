@@ -1,0 +1,193 @@
+"""Blockwise MoBA: per-token block selection, then flash-style attention that visits only selected key tiles.
+
+1. Selection (``moba_select_blocks``): block means of the keys per (segment, block) with a segment sum
+   (``O(T)``), then, one query tile at a time, ``gate = q . mean`` over the earlier blocks of the query's
+   segment and their top-(k-1): compact index lists ``[B, T, N, k-1]`` (segment-relative block indices,
+   -1 = none). Memory ``O(tile * T / C)`` per step.
+2. Attention (``moba_attention``): for every (query tile, key tile) pair a boolean "needed" table is built from
+   the index lists (own block and selected blocks of any token/head of the query tile). A ``lax.scan`` over key
+   tiles with ``lax.cond`` computes only needed pairs with an online softmax (float32 statistics) and the exact
+   per-token mask. Memory ``O(T * k * C)`` at most, never ``O(T^2)``; each query tile is under
+   ``jax.checkpoint`` so reverse mode recomputes it instead of storing every pair's probabilities.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from spb2_jax.ops.dtypes import acc_dtype
+from spb2_jax.ops.segments import pad_time, segment_labels, segment_positions
+
+_MASKED = -1e30
+
+
+def _segment_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Global start index and end index (exclusive) of every token's segment, ``[B, T]`` each."""
+    B, T = segment_ids.shape
+    idx = jnp.arange(T, dtype=jnp.int32)
+    start = idx - segment_positions(segment_ids)
+    is_end = jnp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((B, 1), bool)], axis=1)
+    end = jax.lax.cummin(jnp.where(is_end, idx + 1, T), axis=1, reverse=True)
+    return start, end
+
+
+def moba_select_blocks(
+    q: jax.Array, k: jax.Array, *, chunk_size: int, topk: int, segment_ids: jax.Array, tile: int = 64,
+) -> jax.Array:
+    """Top-(k-1) strictly earlier blocks per query token and head: ``[B, T, N, k-1]`` int32, -1 = none.
+
+    Gates are ``q . mean(k in block)`` in float32 (GQA: the query head's kv head); ties pick the lower block.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    C = chunk_size
+    R = topk - 1
+    if R <= 0:
+        return jnp.zeros((B, T, N, 0), jnp.int32)
+    acc = acc_dtype(q, k)
+    real = segment_ids != 0
+    pos = segment_positions(segment_ids)
+    blk = pos // C
+    bid = jnp.maximum(jnp.cumsum(real & (pos % C == 0), axis=1) - 1, 0)  # global block id of each token
+    kr = jnp.where(real[..., None, None], k.astype(acc), 0.0)
+    sums = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=T))(kr, bid)  # [B, T, K, H]
+    counts = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=T))(real.astype(acc), bid)
+    means = sums / jnp.maximum(counts, 1.0)[..., None, None]
+    first = bid - blk  # id of block 0 of the token's segment
+    nblk = -(-T // C)
+    n_pick = min(R, nblk)
+    bs = max(1, min(tile, T))
+    qp = pad_time(q.astype(acc), bs)
+    firstp, blkp = pad_time(first, bs), pad_time(blk, bs)
+    nT = qp.shape[1] // bs
+
+    def select_tile(args):
+        qt, ft, bt, mt = args  # [B, bs, N, H], [B, bs], [B, bs], means [B, T, K, H]
+        ids = jnp.clip(ft[..., None] + jnp.arange(nblk), 0, T - 1)  # [B, bs, nblk]
+        cand = jax.vmap(lambda m, i: m[i])(mt, ids)  # [B, bs, nblk, K, H]
+        qg = rearrange(qt, "B t (K G) H -> B t K G H", K=K)
+        gate = jnp.einsum("BtKGH,BtnKH->BtKGn", qg, cand, precision=jax.lax.Precision.HIGHEST)
+        gate = rearrange(gate, "B t K G n -> B t (K G) n")
+        earlier = jnp.arange(nblk) < bt[..., None, None]  # [B, bs, 1, nblk]
+        val, idx = jax.lax.top_k(jnp.where(earlier, gate, -jnp.inf), n_pick)
+        return jnp.where(val > -jnp.inf, idx, -1).astype(jnp.int32)  # [B, bs, N, n_pick]
+
+    tiles = (rearrange(qp, "B (n t) N H -> n B t N H", t=bs), rearrange(firstp, "B (n t) -> n B t", t=bs),
+             rearrange(blkp, "B (n t) -> n B t", t=bs))
+    sel = jax.lax.map(lambda a: select_tile(a + (means,)), tiles)  # [nT, B, bs, N, n_pick]
+    sel = rearrange(sel, "n B t N r -> B (n t) N r")[:, :T]
+    if n_pick < R:
+        sel = jnp.concatenate([sel, jnp.full(sel.shape[:-1] + (R - n_pick,), -1, jnp.int32)], axis=-1)
+    return sel
+
+
+def _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT):
+    """Boolean ``[B, nT, nT]``: query tile i must visit key tile j (own block or a selected block)."""
+    B, T, N, R = sel.shape
+    idx = jnp.arange(T, dtype=jnp.int32)
+    own_lo = seg_start + blk * C  # own block: keys [own_lo, t]
+    lo = [own_lo[..., None]]
+    hi = [idx[None, :, None] + jnp.zeros_like(own_lo)[..., None]]
+    if R:
+        g_lo = seg_start[..., None, None] + sel * C  # [B, T, N, R]
+        g_hi = jnp.minimum(g_lo + C, seg_end[..., None, None]) - 1
+        ok = sel >= 0
+        lo.append(jnp.where(ok, g_lo, -1).reshape(B, T, N * R))
+        hi.append(jnp.where(ok, g_hi, -1).reshape(B, T, N * R))
+    lo = jnp.concatenate(lo, axis=-1)  # [B, T, M] key index ranges [lo, hi], -1 = none
+    hi = jnp.concatenate(hi, axis=-1)
+    valid = (lo >= 0) & real[..., None]
+    span = -(-C // bs) + 1
+    need = jnp.zeros((B, nT, nT), bool)
+    qtile = jnp.broadcast_to((idx // bs)[None, :, None], lo.shape)
+    bidx = jnp.broadcast_to(jnp.arange(B)[:, None, None], lo.shape)
+    for o in range(span):
+        kt = lo // bs + o
+        ok = valid & (kt * bs <= hi) & (kt < nT)
+        need = need.at[bidx, qtile, jnp.clip(kt, 0, nT - 1)].max(ok)
+    return need
+
+
+def moba_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    chunk_size: int,
+    topk: int,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_size: int = 128,
+) -> jax.Array:
+    """MoBA attention that touches only the selected key blocks; equals ``moba_attention_reference``.
+
+    Args:
+      q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]`` (GQA, ``N % K == 0``).
+      chunk_size: MoBA block size C; topk: blocks per query token (own block included).
+      segment_ids: ``[B, T]``, 0 = padding; blocks restart at every segment start.
+      scale: default ``H ** -0.5``. block_size: query/key tile size of the attention loop.
+    Returns:
+      ``[B, T, N, H]`` in ``q.dtype``.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads {N=} must be a multiple of kv heads {K=}")
+    if chunk_size <= 0 or topk <= 0:
+        raise ValueError(f"{chunk_size=} and {topk=} must be positive")
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    scale = H ** -0.5 if scale is None else scale
+    C = chunk_size
+    acc = acc_dtype(q, k, v)
+    sel = moba_select_blocks(q, k, chunk_size=C, topk=topk, segment_ids=segment_ids)  # [B, T, N, R]
+    real = segment_ids != 0
+    blk = segment_positions(segment_ids) // C
+    seg_start, seg_end = _segment_bounds(segment_ids)
+    bs = max(1, min(block_size, T))
+    nT = -(-T // bs)
+    need = _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT)
+
+    seg_p, blk_p, sel_p = pad_time(segment_labels(segment_ids), bs), pad_time(blk, bs), pad_time(sel, bs, -1)
+    qp, kp, vp = (pad_time(x.astype(acc), bs) for x in (q, k, v))
+    idx = jnp.arange(nT * bs, dtype=jnp.int32)
+
+    def attend_row(row):
+        q_r, k_r, v_r, seg_r, blk_r, sel_r, need_r = row
+
+        def attend_tile(i):
+            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * bs, bs)  # noqa: E731
+            qt = rearrange(sl(q_r), "t (K G) H -> t K G H", K=K) * scale
+            st, bt, selt, it = sl(seg_r), sl(blk_r), sl(sel_r), sl(idx)
+
+            def visit(carry, j):
+                def compute(carry):
+                    m, l, o = carry  # [t, N], [t, N], [t, N, H]
+                    ks = lambda x: jax.lax.dynamic_slice_in_dim(x, j * bs, bs)  # noqa: E731
+                    kt, vt, sk, bk, ik = ks(k_r), ks(v_r), ks(seg_r), ks(blk_r), ks(idx)
+                    member = bk[None, None, :] == bt[:, None, None]  # own block [t, 1, s]
+                    for r in range(selt.shape[-1]):
+                        member = member | (selt[:, :, r, None] == bk[None, None, :])  # [t, N, s]
+                    mask = member & ((st[:, None] == sk[None, :]) & (st[:, None] != 0)
+                                     & (ik[None, :] <= it[:, None]))[:, None, :]
+                    logits = rearrange(jnp.einsum("tKGH,sKH->tKGs", qt, kt), "t K G s -> t (K G) s")
+                    logits = jnp.where(mask, logits, _MASKED)
+                    m_new = jnp.maximum(m, logits.max(-1))
+                    p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+                    corr = jnp.exp(m - m_new)
+                    pv = jnp.einsum("tKGs,sKH->tKGH", rearrange(p, "t (K G) s -> t K G s", K=K), vt)
+                    o = o * corr[..., None] + rearrange(pv, "t K G H -> t (K G) H")
+                    return m_new, l * corr + p.sum(-1), o
+
+                return jax.lax.cond(need_r[i, j], compute, lambda c: c, carry), None
+
+            init = (jnp.full((bs, N), _MASKED, acc), jnp.zeros((bs, N), acc), jnp.zeros((bs, N, H), acc))
+            (m, l, o), _ = jax.lax.scan(visit, init, jnp.arange(nT))
+            return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+        return jax.lax.map(jax.checkpoint(attend_tile), jnp.arange(nT))  # [nT, bs, N, H]
+
+    out = jax.lax.map(attend_row, (qp, kp, vp, seg_p, blk_p, sel_p, need))
+    return rearrange(out, "B n t N H -> B (n t) N H")[:, :T].astype(q.dtype)
