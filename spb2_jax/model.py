@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from spb2_jax.config import SpB2Config
 from spb2_jax.layers.block import DecoderBlock
 from spb2_jax.layers.common import Dtype, RMSNorm
+from spb2_jax.ops import dispatch
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.segments import segment_positions
 
@@ -67,6 +68,7 @@ class SpB2Model(nn.Module):
     """Embeddings, the decoder blocks and the final norm (HF ``SSESWAMoBAModel``)."""
 
     config: SpB2Config
+    impl: str = dispatch.DEFAULT_IMPL
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -74,7 +76,8 @@ class SpB2Model(nn.Module):
         c = self.config
         self.embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                    embedding_init=nn.initializers.normal(c.initializer_range))
-        self.layers = [DecoderBlock(c, i, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.layers = [DecoderBlock(c, i, impl=dispatch.check_impl(self.impl), dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -99,15 +102,18 @@ class SpB2ForCausalLM(nn.Module):
 
     ``model.apply({"params": params}, input_ids, attention_mask=None, ...)`` -> ``CausalLMOutput``.
     Pass ``rngs={"dropout": key}`` with ``deterministic=False`` for training-mode SWA dropout.
+    ``impl`` picks the token-mixer implementation (``spb2_jax.ops.dispatch``): ``"xla"`` (default, linear in T)
+    or ``"reference"`` (per-token scans and dense masks).
     """
 
     config: SpB2Config
+    impl: str = dispatch.DEFAULT_IMPL
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         c = self.config
-        self.model = SpB2Model(c, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.model = SpB2Model(c, impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                                     kernel_init=nn.initializers.normal(c.initializer_range))
@@ -177,9 +183,10 @@ def loss_fn(
     segment_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     dtype: Dtype = jnp.float32,
+    impl: str = dispatch.DEFAULT_IMPL,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar training loss and its parts; SWA dropout is on when ``dropout_rng`` is given."""
-    model = SpB2ForCausalLM(config, dtype=dtype)
+    model = SpB2ForCausalLM(config, impl=impl, dtype=dtype)
     out = model.apply({"params": params}, input_ids, attention_mask, segment_ids=segment_ids,
                       deterministic=dropout_rng is None,
                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})

@@ -17,11 +17,11 @@ from spb2_jax.model import SpB2ForCausalLM, causal_lm_loss
 ATOL = 1e-4
 
 
-def _run(path, deterministic=True, rng=None):
+def _run(path, deterministic=True, rng=None, impl="xla"):
     config, params = load_hf(path, progress=False)
     inputs = np.load(path / "inputs.npz")
     mask = inputs["attention_mask"] if "attention_mask" in inputs else None
-    model = SpB2ForCausalLM(config)
+    model = SpB2ForCausalLM(config, impl=impl)
     out = model.apply({"params": params}, jnp.asarray(inputs["input_ids"]),
                       None if mask is None else jnp.asarray(mask), deterministic=deterministic,
                       output_hidden_states=True, output_mixer_outputs=True,
@@ -34,8 +34,10 @@ def _max_err(ours, theirs, real):
     return float(np.abs(np.asarray(ours)[real] - np.asarray(theirs)[real]).max())
 
 
-def test_forward_matches_official(official_fixture):
-    config, inputs, out, real = _run(official_fixture)
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_forward_matches_official(official_fixture, impl):
+    """Both implementations (the default linear-in-T "xla" path and the per-token "reference")."""
+    config, inputs, out, real = _run(official_fixture, impl=impl)
     ref = np.load(official_fixture / "outputs.npz")
     L = config.num_hidden_layers
     errors = {"logits": _max_err(out.logits, ref["logits"], real),

@@ -9,8 +9,7 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
-from spb2_jax.ops.attention import attention_reference
-from spb2_jax.ops.moba import moba_attention_reference
+from spb2_jax.ops import dispatch
 from spb2_jax.ops.rope import apply_rope
 
 
@@ -22,6 +21,7 @@ class AttentionMixer(nn.Module):
 
     config: SpB2Config
     kind: str
+    impl: str = dispatch.DEFAULT_IMPL
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -41,10 +41,10 @@ class AttentionMixer(nn.Module):
         q = apply_rope(q, positions, a.rope_theta)
         k = apply_rope(k, positions, a.rope_theta)
         if self.kind == LayerKind.MOBA:
-            o = moba_attention_reference(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk,
-                                         segment_ids=segment_ids)
+            o = dispatch.moba(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk, segment_ids=segment_ids,
+                              impl=self.impl)
         elif self.kind == LayerKind.FULL:
-            o = attention_reference(q, k, v, segment_ids=segment_ids, causal=True)
+            o = dispatch.full_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
         else:
             raise ValueError(f"AttentionMixer kind={self.kind!r} must be {LayerKind.FULL!r} or {LayerKind.MOBA!r}")
         o = rearrange(o, "B T N H -> B T (N H)")

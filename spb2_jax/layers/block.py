@@ -10,6 +10,7 @@ from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.attention import AttentionMixer
 from spb2_jax.layers.common import Dtype, GatedMLP, RMSNorm
 from spb2_jax.layers.sse_swa import SSESWAMixer
+from spb2_jax.ops import dispatch
 from spb2_jax.ops.dtypes import acc_dtype
 
 
@@ -22,6 +23,7 @@ class DecoderBlock(nn.Module):
 
     config: SpB2Config
     layer_idx: int
+    impl: str = dispatch.DEFAULT_IMPL
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -31,12 +33,13 @@ class DecoderBlock(nn.Module):
         c = self.config
         kind = c.layer_kind(self.layer_idx)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mix_kw = dict(impl=self.impl, name="attn", **kw)
         h = RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
         if kind in (LayerKind.FULL, LayerKind.MOBA):
-            mixed = AttentionMixer(c, kind, name="attn", **kw)(h, segment_ids, positions)
+            mixed = AttentionMixer(c, kind, **mix_kw)(h, segment_ids, positions)
             aux = jnp.zeros((), acc_dtype(x))
         else:
-            mixed, aux = SSESWAMixer(c, kind, name="attn", **kw)(h, segment_ids, positions, deterministic)
+            mixed, aux = SSESWAMixer(c, kind, **mix_kw)(h, segment_ids, positions, deterministic)
         mixed = mixed * (segment_ids != 0)[..., None].astype(mixed.dtype)
         h = x + mixed
         m = RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(h)

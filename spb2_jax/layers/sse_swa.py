@@ -15,10 +15,10 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
-from spb2_jax.ops.attention import attention_reference
+from spb2_jax.ops import dispatch
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.rope import apply_rope
-from spb2_jax.ops.sse import sse_aux_loss, sse_gdn_reference, sse_gla_reference, sse_route
+from spb2_jax.ops.sse import sse_aux_loss, sse_gdn, sse_gla, sse_route
 
 GLA_GATE_RANK = 16
 GLA_GATE_NORMALIZER = 16.0
@@ -41,6 +41,7 @@ class SSESWAMixer(nn.Module):
 
     config: SpB2Config
     kind: str
+    impl: str = dispatch.DEFAULT_IMPL
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,8 +90,8 @@ class SSESWAMixer(nn.Module):
             gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, out_bias=True))
                             for i in range(2)], axis=2)  # [B, T, 2, H, Dh]
             gk = jax.nn.log_sigmoid(gk.astype(f32)) / GLA_GATE_NORMALIZER
-            sse_o, _ = sse_gla_reference(q1, k1, q2, k2, v, gk, p, write, read, form=form,
-                                         segment_ids=segment_ids)
+            sse_o, _ = sse_gla(q1, k1, q2, k2, v, gk, p, write, read, form=form, segment_ids=segment_ids,
+                               impl=self.impl)
         else:
             beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj")(x).astype(f32))  # [B, T, 2H]
             if c.allow_neg_eigval:
@@ -100,8 +101,8 @@ class SSESWAMixer(nn.Module):
             a = self._dense(2 * H, "sse_a_proj")(x).astype(f32)
             g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2H]
             two = lambda t: rearrange(t, "B T (two H) -> B T two H", two=2)  # noqa: E731
-            sse_o, _ = sse_gdn_reference(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, form=form,
-                                         segment_ids=segment_ids)
+            sse_o, _ = sse_gdn(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, form=form,
+                               segment_ids=segment_ids, impl=self.impl)
 
         if c.use_output_gate:
             gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh))
@@ -120,7 +121,7 @@ class SSESWAMixer(nn.Module):
         if a.qk_norm:
             sq, sk = self._norm("swa_q_norm")(sq), self._norm("swa_k_norm")(sk)
         sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
-        swa_o = attention_reference(sq, sk, sv, segment_ids=segment_ids, causal=True, window=a.window_size)
+        swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segment_ids=segment_ids, impl=self.impl)
         swa_o = self._dense(c.hidden_size, "swa_o_proj")(rearrange(swa_o, "B T N H -> B T (N H)"))
         out = (sse_out + self._norm("swa_merge_norm")(swa_o)) / 2
 

@@ -83,7 +83,7 @@ def chunk_gated_delta_rule(
     run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]
     xs = xs + (jnp.moveaxis(run_before, 1, 0),)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    S, o = jax.lax.scan(jax.checkpoint(_chunk_step), S0, xs)
+    S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]
     return o.astype(v.dtype), S
 

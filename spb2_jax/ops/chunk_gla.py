@@ -69,7 +69,7 @@ def chunk_gla(
     xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk), rearrange(runs, "B (n C) -> n B C", C=C),
           jnp.moveaxis(run_before, 1, 0))
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    S, o = jax.lax.scan(jax.checkpoint(_chunk_step), S0, xs)
+    S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]
     return o.astype(out_dtype), S
 

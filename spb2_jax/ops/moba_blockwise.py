@@ -9,6 +9,10 @@
    tiles with ``lax.cond`` computes only needed pairs with an online softmax (float32 statistics) and the exact
    per-token mask. Memory ``O(T * k * C)`` at most, never ``O(T^2)``; each query tile is under
    ``jax.checkpoint`` so reverse mode recomputes it instead of storing every pair's probabilities.
+
+Every ``jax.checkpoint`` inside a loop here and in the chunked recurrences uses ``prevent_cse=False`` (the
+loop already prevents CSE): with the default optimisation barriers, gradients of models with several such
+layers deadlocked the XLA CPU runtime (jax 0.10.2).
 """
 
 from __future__ import annotations
@@ -142,7 +146,9 @@ def moba_attention(
     scale = H ** -0.5 if scale is None else scale
     C = chunk_size
     acc = acc_dtype(q, k, v)
-    sel = moba_select_blocks(q, k, chunk_size=C, topk=topk, segment_ids=segment_ids)  # [B, T, N, R]
+    # integer selection: no gradient flows through it (stop_gradient keeps it out of the backward graph)
+    sel = moba_select_blocks(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), chunk_size=C, topk=topk,
+                             segment_ids=segment_ids)  # [B, T, N, R]
     real = segment_ids != 0
     blk = segment_positions(segment_ids) // C
     seg_start, seg_end = _segment_bounds(segment_ids)
@@ -187,7 +193,26 @@ def moba_attention(
             (m, l, o), _ = jax.lax.scan(visit, init, jnp.arange(nT))
             return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
-        return jax.lax.map(jax.checkpoint(attend_tile), jnp.arange(nT))  # [nT, bs, N, H]
+        return jax.lax.map(jax.checkpoint(attend_tile, prevent_cse=False), jnp.arange(nT))  # [nT, bs, N, H]
 
     out = jax.lax.map(attend_row, (qp, kp, vp, seg_p, blk_p, sel_p, need))
     return rearrange(out, "B n t N H -> B (n t) N H")[:, :T].astype(q.dtype)
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_size: int = 128,
+) -> jax.Array:
+    """Tiled full causal GQA attention inside segments, memory O(T * block_size) per query tile.
+
+    It is the MoBA tile loop with one block per segment (``topk = 1``, block = the whole sequence): every
+    query's own block is all its earlier keys, so only key tiles at or before the query tile are visited.
+    """
+    T = q.shape[1]
+    return moba_attention(q, k, v, chunk_size=max(T, 1), topk=1, segment_ids=segment_ids, scale=scale,
+                          block_size=block_size)

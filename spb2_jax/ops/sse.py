@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
+from spb2_jax.ops import dispatch
 
 FORMS = ("varlen", "mask")
 
@@ -89,11 +89,12 @@ def _state_in(initial_state):
     return None if initial_state is None else rearrange(initial_state, "B n H K V -> B (n H) K V")
 
 
-def sse_gdn_reference(
+def sse_gdn(
     q1, k1, q2, k2, v, g, beta, p, write, read, *,
     form: str = "varlen",
     segment_ids: jax.Array | None = None,
     initial_state: jax.Array | None = None,
+    impl: str = dispatch.DEFAULT_IMPL,
 ) -> tuple[jax.Array, jax.Array]:
     """SSE with the gated delta rule (q, k L2-normalised inside the recurrence).
 
@@ -102,6 +103,8 @@ def sse_gdn_reference(
       g, beta: ``[B, T, 2, H]``: index 0 -> shared branch, 1 -> sparse branch.
       p: router probabilities ``[B, T, N]``; write, read: boolean ``[B, T, N]``.
       form: ``"varlen"`` or ``"mask"`` (module docstring). initial_state: ``[B, 1 + N, H, K, V]``.
+      impl: recurrence implementation (``spb2_jax.ops.dispatch``): ``"reference"`` (token scan) or ``"xla"``
+        (chunked, O(T)); a non-writing token is an exact no-op on a partition in both.
     Returns:
       ``o [B, T, H, V]`` (``v.dtype``) and the final states ``[B, 1 + N, H, K, V]`` float32.
     """
@@ -114,26 +117,27 @@ def sse_gdn_reference(
     v_sparse = jnp.broadcast_to(v[:, :, None], v.shape[:2] + (N,) + v.shape[2:])
     if form == "mask":
         v_sparse = v_sparse * write.astype(v.dtype)[..., None, None]
-    o, state = gated_delta_rule_reference(
+    o, state = dispatch.gated_delta_rule(
         _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse),
         rearrange(g_all, "B T n H -> B T (n H)"), rearrange(b_all, "B T n H -> B T (n H)"),
-        initial_state=_state_in(initial_state), segment_ids=segment_ids, use_qk_l2norm=True)
+        initial_state=_state_in(initial_state), segment_ids=segment_ids, use_qk_l2norm=True, impl=impl)
     out = _split_out(o, out_mask, N + 1).astype(v.dtype)
     return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
 
 
-def sse_gla_reference(
+def sse_gla(
     q1, k1, q2, k2, v, gk, p, write, read, *,
     form: str = "varlen",
     segment_ids: jax.Array | None = None,
     initial_state: jax.Array | None = None,
+    impl: str = dispatch.DEFAULT_IMPL,
 ) -> tuple[jax.Array, jax.Array]:
     """SSE with gated linear attention (per-key log gates).
 
     Args:
       q1, k1, q2, k2: ``[B, T, H, K]`` after the feature maps; v: ``[B, T, H, V]``.
       gk: ``[B, T, 2, H, K]`` log gates: index 0 -> shared branch, 1 -> sparse branch.
-      p, write, read, form, segment_ids, initial_state: as in ``sse_gdn_reference``.
+      p, write, read, form, segment_ids, initial_state, impl: as in ``sse_gdn``.
     Returns:
       ``o [B, T, H, V]`` and the final states ``[B, 1 + N, H, K, V]`` float32.
     """
@@ -145,8 +149,18 @@ def sse_gla_reference(
     v_sparse = jnp.broadcast_to(v[:, :, None], v.shape[:2] + (N,) + v.shape[2:])
     if form == "mask":
         v_sparse = v_sparse * write.astype(v.dtype)[..., None, None]
-    o, state = gla_reference(
+    o, state = dispatch.gla(
         _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse), _cat_heads(gk[:, :, 0], gk_sparse),
-        initial_state=_state_in(initial_state), segment_ids=segment_ids)
+        initial_state=_state_in(initial_state), segment_ids=segment_ids, impl=impl)
     out = _split_out(o, out_mask, N + 1).astype(v.dtype)
     return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
+
+
+def sse_gdn_reference(*args, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """``sse_gdn`` with the per-token reference recurrence."""
+    return sse_gdn(*args, **kwargs, impl="reference")
+
+
+def sse_gla_reference(*args, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """``sse_gla`` with the per-token reference recurrence."""
+    return sse_gla(*args, **kwargs, impl="reference")

@@ -1,0 +1,65 @@
+"""The one place where a token-mixing op is routed to an implementation.
+
+``impl`` (a static string, chosen once per model call):
+- ``"reference"``: per-token ``lax.scan`` recurrences and dense ``[T, T]`` masks; the readable ground truth.
+- ``"xla"`` (default): chunked recurrences (``chunk_gated_delta_rule``, ``chunk_gla``), blockwise sliding-window
+  attention, blockwise MoBA and tiled full causal attention; time and memory linear in T (attention memory).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from spb2_jax.ops.attention import attention_reference
+from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
+from spb2_jax.ops.chunk_gla import chunk_gla
+from spb2_jax.ops.moba import moba_attention_reference
+from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
+from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
+from spb2_jax.ops.sliding_window import sliding_window_attention
+
+IMPLS = ("reference", "xla")
+DEFAULT_IMPL = "xla"
+
+
+def check_impl(impl: str) -> str:
+    """Validate an ``impl`` name (``ValueError`` naming it otherwise)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def full_attention(q, k, v, *, segment_ids, impl: str = DEFAULT_IMPL) -> jax.Array:
+    """Causal GQA attention inside segments."""
+    if check_impl(impl) == "reference":
+        return attention_reference(q, k, v, segment_ids=segment_ids, causal=True)
+    return causal_attention(q, k, v, segment_ids=segment_ids)
+
+
+def window_attention(q, k, v, *, window: int | None, segment_ids, impl: str = DEFAULT_IMPL) -> jax.Array:
+    """Causal sliding-window GQA attention (``window=None``: full causal)."""
+    if check_impl(impl) == "reference":
+        return attention_reference(q, k, v, segment_ids=segment_ids, causal=True, window=window)
+    if window is None:
+        return causal_attention(q, k, v, segment_ids=segment_ids)
+    return sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids)
+
+
+def moba(q, k, v, *, chunk_size: int, topk: int, segment_ids, impl: str = DEFAULT_IMPL) -> jax.Array:
+    """MoBA block-sparse attention."""
+    if check_impl(impl) == "reference":
+        return moba_attention_reference(q, k, v, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids)
+    return moba_attention(q, k, v, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True,
+                     impl: str = DEFAULT_IMPL):
+    """Gated delta rule -> ``(o, final_state)``."""
+    fn = gated_delta_rule_reference if check_impl(impl) == "reference" else chunk_gated_delta_rule
+    return fn(q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm)
+
+
+def gla(q, k, v, gk, *, initial_state=None, segment_ids=None, impl: str = DEFAULT_IMPL):
+    """Gated linear attention -> ``(o, final_state)``."""
+    fn = gla_reference if check_impl(impl) == "reference" else chunk_gla
+    return fn(q, k, v, gk, initial_state=initial_state, segment_ids=segment_ids)
