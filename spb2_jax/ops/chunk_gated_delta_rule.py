@@ -64,6 +64,7 @@ def chunk_gated_delta_rule(
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     real = (segment_ids != 0)[..., None]  # [B, T, 1]
+    out_dtype = v.dtype
     q, k, v, g, beta = (x.astype(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2_norm(q), l2_norm(k)
@@ -85,7 +86,7 @@ def chunk_gated_delta_rule(
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
     S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]
-    return o.astype(v.dtype), S
+    return o.astype(out_dtype), S
 
 
 def _chunk_step(S, xs):
