@@ -27,7 +27,7 @@ from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
-from spb2_jax.ops.segments import pad_time, run_ids
+from spb2_jax.ops.segments import chunk_runs, pad_time
 
 
 def chunk_gated_delta_rule(
@@ -72,17 +72,10 @@ def chunk_gated_delta_rule(
     k = jnp.where(real[..., None], k, 0.0)
     g = jnp.where(real, g, 0.0)
     beta = jnp.where(real, beta, 0.0)
-    runs = run_ids(segment_ids)
     C = chunk_size
     q, k, v, g, beta = (pad_time(x, C) for x in (q, k, v, g, beta))
-    runs = pad_time(runs, C)
-    if runs.shape[1] > T:  # padded tail continues the last run (it is all no-op tokens)
-        runs = runs.at[:, T:].set(runs[:, T - 1:T])
     to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
-    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g), to_chunks(beta),
-          rearrange(runs, "B (n C) -> n B C", C=C))
-    run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]
-    xs = xs + (jnp.moveaxis(run_before, 1, 0),)
+    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g), to_chunks(beta)) + chunk_runs(segment_ids, C)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
     S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]

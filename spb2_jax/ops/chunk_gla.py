@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import pad_time, run_ids
+from spb2_jax.ops.segments import chunk_runs, pad_time
 
 
 def chunk_gla(
@@ -58,16 +58,10 @@ def chunk_gla(
     gk = jnp.where(real, gk.astype(acc), 0.0)
     out_dtype = v.dtype
     v = v.astype(acc)
-    runs = run_ids(segment_ids)
     C = chunk_size
     q, k, v, gk = (pad_time(x, C) for x in (q, k, v, gk))
-    runs = pad_time(runs, C)
-    if runs.shape[1] > T:
-        runs = runs.at[:, T:].set(runs[:, T - 1:T])
     to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
-    run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)
-    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk), rearrange(runs, "B (n C) -> n B C", C=C),
-          jnp.moveaxis(run_before, 1, 0))
+    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk)) + chunk_runs(segment_ids, C)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
     S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]

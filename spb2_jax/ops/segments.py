@@ -52,3 +52,16 @@ def pad_time(x: jax.Array, multiple: int, value=0) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def chunk_runs(segment_ids: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Run ids laid out for a chunked scan: ``runs [n, B, C]`` (the padded tail continues the last run; it holds
+    only no-op tokens) and ``run_before [n, B]``, the run that owns the state entering each chunk (run 1, which
+    owns ``initial_state``, for the first chunk)."""
+    B, T = segment_ids.shape
+    C = chunk_size
+    runs = pad_time(run_ids(segment_ids), C)
+    if runs.shape[1] > T:
+        runs = runs.at[:, T:].set(runs[:, T - 1:T])
+    run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]
+    return jnp.moveaxis(runs.reshape(B, -1, C), 1, 0), jnp.moveaxis(run_before, 1, 0)
