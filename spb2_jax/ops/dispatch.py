@@ -1,10 +1,10 @@
 """The one place where a token-mixing op is routed to an implementation.
 
 ``impl`` (a static string, chosen once per model call):
-- ``"reference"`` (default for now): per-token ``lax.scan`` recurrences and dense ``[T, T]`` masks; the readable
-  ground truth.
-- ``"xla"``: chunked recurrences (``chunk_gated_delta_rule``, ``chunk_gla``), blockwise sliding-window
+- ``"xla"`` (default): chunked recurrences (``chunk_gated_delta_rule``, ``chunk_gla``), blockwise sliding-window
   attention, blockwise MoBA and tiled full causal attention; time and memory linear in T (attention memory).
+- ``"reference"``: per-token ``lax.scan`` recurrences and dense ``[T, T]`` masks; the readable ground truth
+  that the fast paths are tested against.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
 from spb2_jax.ops.sliding_window import sliding_window_attention
 
 IMPLS = ("reference", "xla")
-# "xla" becomes the default once a jit-only mismatch is fixed: under jax.jit, sse_gla(form="mask",
-# impl="xla") returned garbage for some inputs (tests/test_ops_fast.py SSE_KNOWN_FAIL) while the same call
-# outside jit, and chunk_gla alone under jit, agree with the reference.
-DEFAULT_IMPL = "reference"
+DEFAULT_IMPL = "xla"
 
 
 def check_impl(impl: str) -> str:
