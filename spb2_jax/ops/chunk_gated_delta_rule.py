@@ -7,7 +7,8 @@ the unit lower-triangular system
     (I + diag(beta) A) U = diag(beta) V - diag(beta * Gamma) K S0,   A_ts = exp(G_t - G_s) k_t.k_s  (s < t)
 
 and then ``O = diag(Gamma) Q S0 + (exp(G_t - G_s) [s <= t] * Q K^T) U`` and
-``S_C = Gamma_C S0 + K^T diag(exp(G_C - G)) U``. The triangular solve and all statistics are float32;
+``S_C = Gamma_C S0 + K^T diag(exp(G_C - G)) U``. The triangular system is solved with the explicit inverse
+``(I + diag(beta) A)^-1`` from ``triangular.unit_lower_inverse`` (matmuls only); it and all statistics are float32;
 across chunks a ``jax.lax.scan`` carries the float32 state ``[B, H, K, V]``.
 
 Segments (``segment_ids``, 0 = padding): padding tokens are zeroed (k = q = beta = g = 0, exact no-ops);
@@ -28,6 +29,7 @@ from einops import rearrange
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
 from spb2_jax.ops.segments import chunk_runs, pad_time
+from spb2_jax.ops.triangular import unit_lower_inverse
 
 
 def chunk_gated_delta_rule(
@@ -98,7 +100,7 @@ def _chunk_step(S, xs):
     A = decay_strict * jnp.einsum("BHtK,BHsK->BHts", k, k)
     L = jnp.eye(C, dtype=q.dtype) + beta[..., :, None] * A
     rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)  # [B, H, C, V + K]
-    w = jax.scipy.linalg.solve_triangular(L, rhs, lower=True, unit_diagonal=True)
+    w = jnp.matmul(unit_lower_inverse(L), rhs, precision=jax.lax.Precision.HIGHEST)  # no LAPACK: triangular.py
     V = v.shape[-1]
     u = w[..., :V] - jnp.einsum("BHCK,BHKV->BHCV", w[..., V:], S)  # [B, H, C, V]
     o = jnp.einsum("BHCK,BHKV->BHCV", gamma[..., None] * q, S) + jnp.einsum(
