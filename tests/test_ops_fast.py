@@ -153,6 +153,21 @@ def compare(op, fast, ref, inputs, dtype, n_out, x64_grads=()):
 
 
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16", marks=pytest.mark.slow)]
+BF16_LAYOUTS = ("varlen", "holes")  # bf16 runs on these layouts only (f32 covers every layout)
+
+
+def grid(cases, ids, bf16_ok):
+    """``pytest.param(*case, dtype)`` for every case x dtype, bf16 only where ``bf16_ok(case)``: the grid is
+    pruned at collection instead of skipping tests at run time."""
+    out = []
+    for case, case_id in zip(cases, ids):
+        values = case if isinstance(case, tuple) and len(case) and isinstance(case[0], tuple) else (case,)
+        for dt in DTYPES:
+            (dtype,) = dt.values
+            if dtype == jnp.bfloat16 and not bf16_ok(*values):
+                continue
+            out.append(pytest.param(*values, dtype, id=f"{case_id}-{dt.id}", marks=dt.marks))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- gated delta rule
@@ -173,12 +188,9 @@ def _rec_id(c):
     return f"B{B}-T{T}-H{H}-K{K}-V{V}-C{C}-{layout}-g{g}" + ("-s0" if init else "")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GDN_CASES, ids=_rec_id)
+@pytest.mark.parametrize("case,dtype", grid(GDN_CASES, map(_rec_id, GDN_CASES), lambda c: c[6] in BF16_LAYOUTS))
 def test_chunk_gated_delta_rule(case, dtype):
     B, T, H, K, V, C, layout, g_scale, init = case
-    if dtype == jnp.bfloat16 and layout not in ("varlen", "holes"):
-        pytest.skip("bf16: covered by the varlen / holes layouts")
     q, k, v, g, beta, s0 = gdn_inputs(rng_for("fast-gdn", case), B, T, H, K, V, g_scale, init)
     assert beta.max() > 1.0  # negative eigenvalues are exercised
     seg = jnp.asarray(seg_ids(B, T, layout))
@@ -227,12 +239,9 @@ GLA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GLA_CASES, ids=_rec_id)
+@pytest.mark.parametrize("case,dtype", grid(GLA_CASES, map(_rec_id, GLA_CASES), lambda c: c[6] in BF16_LAYOUTS))
 def test_chunk_gla(case, dtype):
     B, T, H, K, V, C, layout, decay, init = case
-    if dtype == jnp.bfloat16 and layout not in ("varlen", "holes"):
-        pytest.skip("bf16: covered by the varlen / holes layouts")
     q, k, v, gk, s0 = gla_inputs_fast(rng_for("fast-gla", case), B, T, H, K, V, decay, init)
     seg = jnp.asarray(seg_ids(B, T, layout))
     inputs = dict(q=q, k=k, v=v, gk=gk)
@@ -273,19 +282,14 @@ def attn_inputs(key, B, T, N, KV, D):
     return dict(q=randn(rng, B, T, N, D, scale=1.5), k=randn(rng, B, T, KV, D, scale=1.5), v=randn(rng, B, T, KV, D))
 
 
-def _bf16_filter(dtype, layout):
-    if dtype == jnp.bfloat16 and layout not in ("varlen", "holes"):
-        pytest.skip("bf16: covered by the varlen / holes layouts")
-
-
 SWA_CASES = [(c, w) for c in ATTN_CASES for w in ((5, 40) if c[5] == "varlen" and c[1] >= 40 else (5 if c[1] >= 40 else 3,))]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case,window", SWA_CASES, ids=[_attn_id(c, f"-W{w}-BS16") for c, w in SWA_CASES])
+@pytest.mark.parametrize("case,window,dtype", grid([(c, w) for c, w in SWA_CASES],
+                                                   [_attn_id(c, f"-W{w}-BS16") for c, w in SWA_CASES],
+                                                   lambda c, w: c[5] in BF16_LAYOUTS))
 def test_sliding_window_attention(case, window, dtype):
     B, T, N, KV, D, layout = case
-    _bf16_filter(dtype, layout)
     seg = jnp.asarray(seg_ids(B, T, layout))
     x = attn_inputs((case, window), B, T, N, KV, D)
     fast = lambda a: (sliding_window_attention(a["q"], a["k"], a["v"], window=window, segment_ids=seg,  # noqa
@@ -295,11 +299,10 @@ def test_sliding_window_attention(case, window, dtype):
     assert np.all(np.asarray(out_f[0], np.float32)[np.asarray(seg) == 0] == 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: _attn_id(c, "-BS16"))
+@pytest.mark.parametrize("case,dtype", grid(ATTN_CASES, [_attn_id(c, "-BS16") for c in ATTN_CASES],
+                                             lambda c: c[5] in BF16_LAYOUTS))
 def test_causal_attention(case, dtype):
     B, T, N, KV, D, layout = case
-    _bf16_filter(dtype, layout)
     seg = jnp.asarray(seg_ids(B, T, layout))
     x = attn_inputs(case, B, T, N, KV, D)
     fast = lambda a: (causal_attention(a["q"], a["k"], a["v"], segment_ids=seg, block_size=16),)  # noqa
@@ -313,13 +316,10 @@ MOBA_CASES = [(c, C, topk) for i, c in enumerate(ATTN_CASES)
                               (((16, 2), (8, 3), (16, 8))[i % 3],))]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case,C,topk", MOBA_CASES, ids=[_attn_id(c, f"-C{C}-k{k}-BS16") for c, C, k in MOBA_CASES])
+@pytest.mark.parametrize("case,C,topk,dtype", grid(MOBA_CASES, [_attn_id(c, f"-C{C}-k{k}-BS16") for c, C, k in MOBA_CASES],
+                                                  lambda c, C, k: c[5] in BF16_LAYOUTS and C != 8))
 def test_moba_attention(case, C, topk, dtype):
     B, T, N, KV, D, layout = case
-    _bf16_filter(dtype, layout)
-    if dtype == jnp.bfloat16 and C == 8:
-        pytest.skip("bf16: one chunk size is enough")
     seg = jnp.asarray(seg_ids(B, T, layout))
     x = attn_inputs((case, C, topk), B, T, N, KV, D)
     fast = lambda a: (moba_attention(a["q"], a["k"], a["v"], chunk_size=C, topk=topk, segment_ids=seg,  # noqa
@@ -350,18 +350,14 @@ def _sse_id(c):
     return f"B{B}-T{T}-H{H}-K{K}-N{N}-w{nw}r{nr}-{layout}" + ("-s0" if init else "")
 
 
+SSE_GRID = [(c, form) for c in SSE_CASES for form in ("varlen", "mask") if form == "mask" or c[5] == c[6]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["varlen", "mask"])
-@pytest.mark.parametrize("case", SSE_CASES, ids=_sse_id)
+@pytest.mark.parametrize("case,form,dtype", grid(SSE_GRID, [f"{_sse_id(c)}-{f}" for c, f in SSE_GRID],
+                                                  lambda c, f: c[7] in BF16_LAYOUTS))
 @pytest.mark.parametrize("kind", ["gdn", "gla"])
-def test_sse(kind, case, form, dtype, request):
+def test_sse(kind, case, form, dtype):
     B, T, H, K, N, nw, nr, layout, init = case
-    if form == "varlen" and nw != nr:
-        pytest.skip("varlen form requires readers == writers")
-    if dtype == jnp.bfloat16 and layout not in ("varlen", "holes"):
-        pytest.skip("bf16: covered by the varlen / holes layouts")
     q1, k1, q2, k2, v, gate, beta, p, write, read, s0 = sse_inputs(
         rng_for("fast-sse", kind, case), kind, B, T, H, K, N, nw, nr, init, strong=layout == "holes")
     seg = jnp.asarray(seg_ids(B, T, layout))
