@@ -30,11 +30,9 @@ def unit_lower_inverse(L: jax.Array) -> jax.Array:
     strict = jnp.tril(L, -1)
     if size != n:
         strict = jnp.pad(strict, [(0, 0)] * (L.ndim - 2) + [(0, size - n), (0, size - n)])
-    eye = jnp.eye(1, dtype=L.dtype)
-    inv = jnp.broadcast_to(eye, L.shape[:-2] + (size, 1, 1))  # [..., blocks, s, s]
+    inv = jnp.ones(L.shape[:-2] + (size, 1, 1), L.dtype)  # [..., blocks, s, s]: the 1 x 1 diagonal blocks
     s = 1
     while s < size:
-        nb = size // (2 * s)
         # B blocks: rows [2ps + s, 2ps + 2s), cols [2ps, 2ps + s) of each pair p
         tiles = rearrange(strict, "... (p a i) (q b j) -> ... p q a b i j", a=2, b=2, i=s, j=s)
         lower = jnp.diagonal(tiles[..., 1, 0, :, :], axis1=-4, axis2=-3)  # [..., s, s, p]
@@ -44,7 +42,6 @@ def unit_lower_inverse(L: jax.Array) -> jax.Array:
         zero = jnp.zeros_like(off)
         top = jnp.concatenate([a_inv, zero], axis=-1)
         bottom = jnp.concatenate([off, d_inv], axis=-1)
-        inv = jnp.concatenate([top, bottom], axis=-2)  # [..., nb, 2s, 2s]
-        assert inv.shape[-3] == nb
+        inv = jnp.concatenate([top, bottom], axis=-2)  # [..., size / 2s, 2s, 2s]
         s *= 2
     return inv[..., 0, :n, :n]
