@@ -7,29 +7,39 @@ the unit lower-triangular system
     (I + diag(beta) A) U = diag(beta) V - diag(beta * Gamma) K S0,   A_ts = exp(G_t - G_s) k_t.k_s  (s < t)
 
 and then ``O = diag(Gamma) Q S0 + (exp(G_t - G_s) [s <= t] * Q K^T) U`` and
-``S_C = Gamma_C S0 + K^T diag(exp(G_C - G)) U``. The triangular system is solved with the explicit inverse
-``(I + diag(beta) A)^-1`` from ``triangular.unit_lower_inverse`` (matmuls only); it and all statistics are float32;
-across chunks a ``jax.lax.scan`` carries the float32 state ``[B, H, K, V]``.
+``S_C = Gamma_C S0 + K^T diag(exp(G_C - G)) U``.
+
+Everything that does not involve ``S0`` is computed for many chunks at once (batched matmuls): the decays, the
+explicit inverse ``(I + diag(beta) A)^-1`` (``triangular.unit_lower_inverse``, matmuls only), ``W_v = inv
+diag(beta) V``, ``W_k = inv diag(beta Gamma) K`` and ``P = decay * Q K^T``. The sequential part across chunks is
+then two matmuls per chunk, ``[W_k; Gamma Q] S0`` (giving ``U = W_v - W_k S0`` and the state part of ``O``) and
+the state update; ``O = (Gamma Q S0) + P U`` is again batched. All of it is float32 (``Precision.HIGHEST``).
+
+To bound memory, chunks are processed in *groups* of about ``_GROUP`` chunks: an outer ``jax.lax.scan`` over
+groups carries the float32 state ``[B, H, K, V]``; inside a group the state-independent work is batched and an
+inner scan passes the state from chunk to chunk. Memory: the inputs/outputs (O(T)) plus O(group * C^2) work.
 
 Segments (``segment_ids``, 0 = padding): padding tokens are zeroed (k = q = beta = g = 0, exact no-ops);
 tokens interact only within the same run (see ``segments.run_ids``), ``S0`` reaches only tokens of the run
 that was open at the chunk start, so a boundary inside a chunk resets the state exactly like the reference.
 
-Gradients: plain reverse-mode autodiff through the scan, with the chunk body under ``jax.checkpoint`` so the
-backward pass stores only the per-chunk input state (``T / C`` states of ``[B, H, K, V]``) and rematerialises
-each chunk's O(C^2) intermediates: memory stays linear in T.
+Gradients: plain reverse-mode autodiff through the scans, with the group body under ``jax.checkpoint``: the
+backward pass stores only the state entering each group and rematerialises one group at a time, so memory
+stays linear in T (O(T / (group * C)) states plus one group's intermediates).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 
+from spb2_jax.ops.chunking import chunk_groups, from_groups
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
-from spb2_jax.ops.segments import chunk_runs, pad_time
 from spb2_jax.ops.triangular import unit_lower_inverse
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_GROUP = 16  # chunks per group (batched state-independent work); see chunking.plan_groups
 
 
 def chunk_gated_delta_rule(
@@ -74,39 +84,56 @@ def chunk_gated_delta_rule(
     k = jnp.where(real[..., None], k, 0.0)
     g = jnp.where(real, g, 0.0)
     beta = jnp.where(real, beta, 0.0)
-    C = chunk_size
-    q, k, v, g, beta = (pad_time(x, C) for x in (q, k, v, g, beta))
-    to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
-    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g), to_chunks(beta)) + chunk_runs(segment_ids, C)
+    xs = chunk_groups((q, k, v, g, beta), segment_ids, chunk_size, _GROUP)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
-    o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]
-    return o.astype(out_dtype), S
+    S, o = jax.lax.scan(jax.checkpoint(_group_step, prevent_cse=False), S0, xs)
+    return from_groups(o, T).astype(out_dtype), S
 
 
-def _chunk_step(S, xs):
-    """One chunk for all (batch, head): ``S [B, H, K, V]`` -> (state after the chunk, outputs ``[B, H, C, V]``)."""
-    q, k, v, g, beta, runs, run_before = xs  # q, k [B,H,C,K]; v [B,H,C,V]; g, beta [B,H,C]; runs [B,C]
-    C = q.shape[2]
-    G = jnp.cumsum(g, axis=-1)  # [B, H, C]
-    same = (runs[:, :, None] == runs[:, None, :])[:, None]  # [B, 1, C, C]
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _prepare(q, k, v, g, beta, runs, run_before):
+    """State-independent per-chunk terms, batched over chunks ``N`` (all float32).
+
+    Inputs: q, k ``[N, B, H, C, K]``; v ``[N, B, H, C, V]``; g, beta ``[N, B, H, C]``; runs ``[N, B, C]``;
+    run_before ``[N, B]``. Returns ``w_v [N,B,H,C,V]``, ``wq = [W_k; Gamma Q] [N,B,H,2C,K]``,
+    ``tail_kT [N,B,H,K,C]``, ``keep [N,B,H]`` and ``P [N,B,H,C,C]``.
+    """
+    C = q.shape[-2]
+    G = jnp.cumsum(g, axis=-1)  # [N, B, H, C]
+    same = (runs[..., :, None] == runs[..., None, :])[:, :, None]  # [N, B, 1, C, C]
     incl = jnp.tril(jnp.ones((C, C), bool)) & same
-    strict = jnp.tril(jnp.ones((C, C), bool), -1) & same
-    diff = G[..., :, None] - G[..., None, :]  # [B, H, C, C] (t, s)
-    decay_incl = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
-    decay_strict = jnp.where(strict, decay_incl, 0.0)
-    carried = (runs == run_before[:, None])[:, None]  # [B, 1, C]: still in the run that owns S
-    gamma = jnp.where(carried, jnp.exp(G), 0.0)  # [B, H, C]
-    A = decay_strict * jnp.einsum("BHtK,BHsK->BHts", k, k)
-    L = jnp.eye(C, dtype=q.dtype) + beta[..., :, None] * A
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)  # [B, H, C, V + K]
-    w = jnp.matmul(unit_lower_inverse(L), rhs, precision=jax.lax.Precision.HIGHEST)  # no LAPACK: triangular.py
-    V = v.shape[-1]
-    u = w[..., :V] - jnp.einsum("BHCK,BHKV->BHCV", w[..., V:], S)  # [B, H, C, V]
-    o = jnp.einsum("BHCK,BHKV->BHCV", gamma[..., None] * q, S) + jnp.einsum(
-        "BHts,BHsV->BHtV", decay_incl * jnp.einsum("BHtK,BHsK->BHts", q, k), u)
-    last = (runs == runs[:, -1:])[:, None]  # [B, 1, C]: tokens of the run open at the chunk end
-    tail = jnp.where(last, jnp.exp(G[..., -1:] - G), 0.0)  # [B, H, C]
-    keep = jnp.where(carried[..., -1], jnp.exp(G[..., -1]), 0.0)  # [B, H]
-    S = keep[..., None, None] * S + jnp.einsum("BHCK,BHCV->BHKV", tail[..., None] * k, u)
-    return S, o
+    diff = G[..., :, None] - G[..., None, :]  # (t, s)
+    decay = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)  # exponents <= 0 where kept
+    carried = (runs == run_before[..., None])[:, :, None]  # [N, B, 1, C]: still in the run that owns S0
+    gamma = jnp.where(carried, jnp.exp(G), 0.0)  # [N, B, H, C]
+    strict = jnp.tril(jnp.ones((C, C), q.dtype), -1)
+    A = (beta[..., :, None] * strict * decay) * _mm(k, jnp.swapaxes(k, -1, -2))
+    inv = unit_lower_inverse(A)  # the inverse of I + diag(beta) A (unit diagonal implied)
+    # separate products: on XLA:CPU two [C, C] x [C, V] batched dots are ~3x faster than one [C, C] x [C, 2V]
+    w_v = _mm(inv, beta[..., None] * v)
+    w_k = _mm(inv, (beta * gamma)[..., None] * k)
+    wq = jnp.concatenate([w_k, gamma[..., None] * q], axis=-2)
+    P = decay * _mm(q, jnp.swapaxes(k, -1, -2))
+    last = (runs == runs[..., -1:])[:, :, None]  # [N, B, 1, C]: the run open at the chunk end
+    tail = jnp.where(last, jnp.exp(G[..., -1:] - G), 0.0)
+    tail_kT = jnp.swapaxes(tail[..., None] * k, -1, -2)
+    keep = jnp.where(carried[..., -1], jnp.exp(G[..., -1]), 0.0)
+    return w_v, wq, tail_kT, keep, P
+
+
+def _group_step(S, xs):
+    """One group of N chunks: ``S [B, H, K, V]`` -> (state after the group, outputs ``[N, B, H, C, V]``)."""
+    w_v, wq, tail_kT, keep, P = _prepare(*xs)
+    C = w_v.shape[-2]
+
+    def chunk(S, x):
+        w_v, wq, tail_kT, keep = x
+        r = _mm(wq, S)  # [B, H, 2C, V]: W_k S0 and Gamma Q S0
+        u = w_v - r[..., :C, :]
+        return keep[..., None, None] * S + _mm(tail_kT, u), (u, r[..., C:, :])
+
+    S, (u, o_state) = jax.lax.scan(chunk, S, (w_v, wq, tail_kT, keep))
+    return S, o_state + _mm(P, u)

@@ -1,0 +1,43 @@
+"""Layout of chunked recurrences: ``[B, T, H, ...]`` <-> groups of chunks ``[m, N, B, H, C, ...]``.
+
+A chunked scan works on chunks of ``C`` tokens; the fast paths batch the state-independent work of ``N``
+consecutive chunks (a *group*) and scan over the ``m`` groups. ``plan_groups`` picks ``N`` close to the
+requested group size such that padding adds fewer than ``m`` chunks (never a whole extra group). Padded tokens
+are segment 0 (padding): zero inputs, which every recurrence treats as exact no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from einops import rearrange
+
+from spb2_jax.ops.segments import chunk_runs, pad_time
+
+
+def plan_groups(T: int, chunk_size: int, group: int) -> tuple[int, int]:
+    """``(m, N)``: ``m`` groups of ``N`` chunks of ``chunk_size`` tokens covering ``T`` tokens with the least
+    padding for ``m = ceil(chunks / group)``."""
+    if chunk_size <= 0 or group <= 0:
+        raise ValueError(f"chunk_size={chunk_size} and group={group} must be positive")
+    chunks = max(math.ceil(T / chunk_size), 1)
+    m = math.ceil(chunks / group)
+    return m, math.ceil(chunks / m)
+
+
+def chunk_groups(arrays, segment_ids: jax.Array, chunk_size: int, group: int) -> tuple[jax.Array, ...]:
+    """Lay out ``[B, T, H, ...]`` arrays as ``[m, N, B, H, C, ...]`` and append the run ids of the chunks,
+    ``runs [m, N, B, C]`` and ``run_before [m, N, B]`` (see ``segments.chunk_runs``)."""
+    T = segment_ids.shape[1]
+    m, N = plan_groups(T, chunk_size, group)
+    size = m * N * chunk_size
+    out = tuple(rearrange(pad_time(x, size), "B (m N C) H ... -> m N B H C ...", N=N, C=chunk_size)
+                for x in arrays)
+    runs, run_before = chunk_runs(pad_time(segment_ids, size), chunk_size)
+    return out + (runs.reshape(m, N, *runs.shape[1:]), run_before.reshape(m, N, *run_before.shape[1:]))
+
+
+def from_groups(o: jax.Array, T: int) -> jax.Array:
+    """Inverse layout of ``chunk_groups`` for an output ``[m, N, B, H, C, V]``: ``[B, T, H, V]``."""
+    return rearrange(o, "m N B H C V -> B (m N C) H V")[:, :T]
