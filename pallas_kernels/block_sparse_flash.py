@@ -1,0 +1,290 @@
+"""Block-sparse flash attention in Pallas: the shared core of the MoBA and sliding-window kernels.
+
+Every query tile of ``block`` tokens (per batch row and query head) visits a *list* of key tiles, computed
+outside the kernel in XLA (``tile_lists``), and applies an exact per-token mask inside the visited tiles:
+
+    mask(t, s) = seg_t == seg_s != 0  and  s <= t
+                 and (t - s < window)                                    if window is set
+                 and (blk_s == blk_t or blk_s in sel[t, n, :])           if MoBA selection is given
+
+where ``seg`` are segment labels (0 = padding), ``blk`` the segment-relative MoBA block of each token and
+``sel [B, T, N, R]`` the selected earlier blocks of each query token and head (-1 = none). The lists only have
+to be supersets of the tiles that hold unmasked keys; tight lists are what makes the kernel fast.
+
+Kernels (GPU style, as jax's ``pallas/ops/gpu/attention.py``: the grid runs over (batch, head, tile) and a
+``fori_loop`` inside the kernel walks the tile list, loading K/V tiles with dynamic slices):
+
+- ``_fwd_kernel``: online softmax with float32 statistics, writes ``o`` and the log-sum-exp ``lse``.
+- ``_dq_kernel``: same walk, ``dq = sum_j dS_ij K_j`` with ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)``.
+- ``_dkv_kernel``: per key tile, walks the *transposed* lists (query tiles that visit it) and accumulates
+  ``dK``/``dV`` for one query head; GQA groups are summed in XLA afterwards.
+
+Inputs of dtype bfloat16 use bfloat16 matmul operands (``P`` rounded to the input dtype before ``P V``, as in
+flash attention) with float32 accumulation; float32 inputs stay float32. ``interpret=True`` runs the kernels on
+CPU (tests); on GPU they lower through Pallas' Triton backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile size shared by queries and keys (a power of two for the Triton lowering)."""
+
+    block: int = 128
+
+    @classmethod
+    def get_default(cls, seq_len: int) -> "BlockSizes":
+        """128, or the smallest power of two >= 16 covering a shorter sequence."""
+        return cls(block=min(128, max(16, pl.next_power_of_2(seq_len))))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static part of the mask: the sliding window (None = unlimited) and whether MoBA block lists are used."""
+
+    window: int | None = None
+    moba: bool = False
+
+
+def default_interpret() -> bool:
+    """Kernels run in interpret mode on CPU (the only backend without a Pallas lowering for them)."""
+    return jax.default_backend() == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------- tile lists
+
+def lists_from_need(need: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Boolean ``need [..., nT, nT]`` -> (ascending tile indices ``[..., nT, nT]`` int32, counts ``[..., nT]``).
+
+    Entries past the count repeat valid indices and are never read by the kernels."""
+    order = jnp.argsort(jnp.logical_not(need), axis=-1, stable=True).astype(jnp.int32)
+    return order, need.sum(-1).astype(jnp.int32)
+
+
+def tile_lists(need: jax.Array):
+    """Forward lists (key tiles per query tile) and transposed lists (query tiles per key tile) of ``need
+    [B, N, nT_q, nT_k]``."""
+    return lists_from_need(need) + lists_from_need(jnp.swapaxes(need, -1, -2))
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+def _mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
+    """``[tq, tk]`` boolean mask from per-token metadata (see the module docstring)."""
+    mask = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0) & (k_pos[None, :] <= q_pos[:, None])
+    if spec.window is not None:
+        mask = mask & (q_pos[:, None] - k_pos[None, :] < spec.window)
+    if spec.moba:
+        member = q_blk[:, None] == k_blk[None, :]
+        for r in range(q_sel.shape[-1]):
+            member = member | (q_sel[:, r][:, None] == k_blk[None, :])
+        mask = mask & member
+    return mask
+
+
+def _dot(a, b, trans_b=False):
+    dims = (((a.ndim - 1,), (b.ndim - 1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
+                o_ref, lse_ref, *, spec, scale, block):
+    i = pl.program_id(2)
+    q = q_ref[...]  # [t, D]
+    q_pos = i * block + jnp.arange(block, dtype=jnp.int32)
+    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], sel_ref[...]
+
+    def visit(c, carry):
+        o, m, l = carry
+        j = lists_ref[c]
+        sl = pl.ds(pl.multiple_of(j * block, block), block)
+        k, v = k_ref[sl, :], v_ref[sl, :]
+        mask = _mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
+                     kseg_ref[sl], kblk_ref[sl])
+        s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _MASKED)  # [t, s] float32
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        o = o * corr[:, None] + _dot(p.astype(v.dtype), v)
+        return o, m_new, l * corr + p.sum(axis=-1)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), _MASKED, jnp.float32),
+            jnp.zeros((block,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, count_ref[0], visit, init)
+    empty = l == 0.0  # padding tokens and tokens with no visible key
+    o_ref[...] = jnp.where(empty[:, None], 0.0, o / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+               qblk_ref, kblk_ref, sel_ref, dq_ref, *, spec, scale, block):
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = i * block + jnp.arange(block, dtype=jnp.int32)
+    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], sel_ref[...]
+
+    def visit(c, dq):
+        j = lists_ref[c]
+        sl = pl.ds(pl.multiple_of(j * block, block), block)
+        k, v = k_ref[sl, :], v_ref[sl, :]
+        mask = _mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
+                     kseg_ref[sl], kblk_ref[sl])
+        p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, count_ref[0], visit, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, *, spec, scale, block):
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]  # [s, D]
+    k_pos = j * block + jnp.arange(block, dtype=jnp.int32)
+    k_seg, k_blk = kseg_ref[...], kblk_ref[...]
+
+    def visit(c, carry):
+        dk, dv = carry
+        i = lists_ref[c]
+        sl = pl.ds(pl.multiple_of(i * block, block), block)
+        q, do = q_ref[sl, :], do_ref[sl, :]
+        mask = _mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
+                     sel_ref[sl, :], k_pos, k_seg, k_blk)
+        p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[sl][:, None]), 0.0)  # [t, s]
+        dv = dv + _dot(p.T.astype(do.dtype), do)
+        ds = p * (_dot(do, v, trans_b=True) - delta_ref[sl][:, None])
+        return dk + _dot(ds.T.astype(q.dtype), q), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, count_ref[0], visit, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- pallas calls
+
+def _specs(B, N, K, T, D, R, M, block):
+    """BlockSpecs shared by the three kernels; grid = (B, N, T // block), GQA kv head = n // (N // K)."""
+    G = N // K
+    tile = lambda b, n, i: (b, i, n, 0)  # noqa: E731
+    whole_kv = lambda b, n, i: (b, 0, n // G, 0)  # noqa: E731
+    return dict(
+        lists=pl.BlockSpec((None, None, None, M), lambda b, n, i: (b, n, i, 0)),
+        count=pl.BlockSpec((None, None, None, 1), lambda b, n, i: (b, n, i, 0)),
+        q_tile=pl.BlockSpec((None, block, None, D), tile),
+        q_whole=pl.BlockSpec((None, T, None, D), lambda b, n, i: (b, 0, n, 0)),
+        kv_tile=pl.BlockSpec((None, block, None, D), lambda b, n, i: (b, i, n // G, 0)),
+        kv_whole=pl.BlockSpec((None, T, None, D), whole_kv),
+        row_tile=pl.BlockSpec((None, None, block), lambda b, n, i: (b, n, i)),
+        row_whole=pl.BlockSpec((None, None, T), lambda b, n, i: (b, n, 0)),
+        tok_tile=pl.BlockSpec((None, block), lambda b, n, i: (b, i)),
+        tok_whole=pl.BlockSpec((None, T), lambda b, n, i: (b, 0)),
+        sel_tile=pl.BlockSpec((None, block, None, R), tile),
+        sel_whole=pl.BlockSpec((None, T, None, R), lambda b, n, i: (b, 0, n, 0)),
+    )
+
+
+def _forward(q, k, v, meta, spec, scale, block, interpret):
+    fwd_lists, fwd_count, _, _, seg, blk, sel = meta
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block),
+        grid=(B, N, T // block),
+        in_specs=[s["lists"], s["count"], s["q_tile"], s["kv_whole"], s["kv_whole"], s["tok_tile"],
+                  s["tok_whole"], s["tok_tile"], s["tok_whole"], s["sel_tile"]],
+        out_specs=[s["q_tile"], s["row_tile"]],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
+        interpret=interpret,
+        name="block_sparse_flash_fwd",
+    )(fwd_lists, fwd_count[..., None], q, k, v, seg, seg, blk, blk, sel)
+
+
+def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
+    fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
+    sb = _specs(B, N, K, T, D, sel.shape[-1], bwd_lists.shape[-1], block)
+    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+    grid = (B, N, T // block)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec, scale=scale, block=block),
+        grid=grid,
+        in_specs=[s["lists"], s["count"], s["q_tile"], s["kv_whole"], s["kv_whole"], s["q_tile"], s["row_tile"],
+                  s["row_tile"], s["tok_tile"], s["tok_whole"], s["tok_tile"], s["tok_whole"], s["sel_tile"]],
+        out_specs=s["q_tile"],
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        name="block_sparse_flash_dq",
+    )(fwd_lists, fwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
+    per_head = jax.ShapeDtypeStruct((B, T, N, D), jnp.float32)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block),
+        grid=grid,
+        in_specs=[sb["lists"], sb["count"], s["q_whole"], s["kv_tile"], s["kv_tile"], s["q_whole"],
+                  s["row_whole"], s["row_whole"], s["tok_whole"], s["tok_tile"], s["tok_whole"], s["tok_tile"],
+                  s["sel_whole"]],
+        out_specs=[s["q_tile"], s["q_tile"]],
+        out_shape=[per_head, per_head],
+        interpret=interpret,
+        name="block_sparse_flash_dkv",
+    )(bwd_lists, bwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
+    fold = lambda x: x.reshape(B, T, K, N // K, D).sum(axis=3).astype(k.dtype)  # noqa: E731  GQA group sum
+    return dq, fold(dk), fold(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, interpret: bool):
+    """Attention of ``q [B, T, N, D]`` over ``k, v [B, T, K, D]`` restricted to listed tiles and masked per token.
+
+    ``T`` must be a multiple of ``block`` (callers pad with segment 0). ``meta`` = (fwd_lists ``[B, N, nT, M]``,
+    fwd_count ``[B, N, nT]``, bwd_lists ``[B, N, nT, M']``, bwd_count (the transposed lists: query tiles per key
+    tile), seg ``[B, T]``, blk ``[B, T]``,
+    sel ``[B, T, N, R]``), all int32, from ``tile_lists`` and the caller's per-token metadata.
+    Returns ``o [B, T, N, D]`` in ``q.dtype`` (padding rows 0).
+    """
+    return _forward(q, k, v, meta, spec, scale, block, interpret)[0]
+
+
+def _vjp_fwd(q, k, v, meta, spec, scale, block, interpret):
+    o, lse = _forward(q, k, v, meta, spec, scale, block, interpret)
+    return o, (q, k, v, o, lse, meta)
+
+
+def _vjp_bwd(spec, scale, block, interpret, res, do):
+    q, k, v, o, lse, meta = res
+    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret)
+    return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, meta)
+
+
+block_sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def block_sparse_attention_reference(q, k, v, seg, blk, sel, spec: MaskSpec, scale: float):
+    """Dense ``[T, T]`` twin of ``block_sparse_attention`` (no tile lists: every key is considered), float32."""
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    pos = jnp.arange(T, dtype=jnp.int32)
+    mask = jax.vmap(lambda sg, bk, sl: jax.vmap(
+        lambda s_n: _mask(spec, pos, sg, bk, s_n, pos, sg, bk), in_axes=1)(sl))(seg, blk, sel)  # [B, N, T, T]
+    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, D)
+    logits = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)).reshape(B, N, T, T) * scale
+    logits = jnp.where(mask, logits, _MASKED)
+    p = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    o = jnp.einsum("BKGTS,BSKD->BTKGD", p.reshape(B, K, N // K, T, T), v.astype(jnp.float32))
+    return o.reshape(B, T, N, D).astype(q.dtype)
