@@ -47,6 +47,12 @@ class BlockSizes:
         """128, or the smallest power of two >= 16 covering a shorter sequence."""
         return cls(block=min(128, max(16, pl.next_power_of_2(seq_len))))
 
+    @classmethod
+    def from_request(cls, block_size: int, seq_len: int) -> "BlockSizes":
+        """A caller's tile size rounded down to a power of two, capped by ``get_default(seq_len)``."""
+        requested = 1 << (max(block_size, 1).bit_length() - 1)
+        return cls(block=min(requested, cls.get_default(seq_len).block))
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:

@@ -103,7 +103,8 @@ class SpB2ForCausalLM(nn.Module):
     ``model.apply({"params": params}, input_ids, attention_mask=None, ...)`` -> ``CausalLMOutput``.
     Pass ``rngs={"dropout": key}`` with ``deterministic=False`` for training-mode SWA dropout.
     ``impl`` picks the token-mixer implementation (``spb2_jax.ops.dispatch``): ``"xla"`` (default: chunked /
-    blockwise, linear in T) or ``"reference"`` (per-token scans and dense masks; see dispatch.py).
+    blockwise, linear in T), ``"pallas"`` (Pallas kernels; interpret mode on CPU) or ``"reference"`` (per-token
+    scans and dense masks; see dispatch.py).
     """
 
     config: SpB2Config

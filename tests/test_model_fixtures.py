@@ -34,9 +34,10 @@ def _max_err(ours, theirs, real):
     return float(np.abs(np.asarray(ours)[real] - np.asarray(theirs)[real]).max())
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
 def test_forward_matches_official(official_fixture, impl):
-    """Both implementations (the default linear-in-T "xla" path and the per-token "reference")."""
+    """Every implementation: the default linear-in-T "xla" path, the per-token "reference" and the Pallas
+    kernels ("pallas", interpret mode on CPU)."""
     config, inputs, out, real = _run(official_fixture, impl=impl)
     ref = np.load(official_fixture / "outputs.npz")
     L = config.num_hidden_layers

@@ -30,12 +30,18 @@ stays linear in T (O(T / (group * C)) states plus one group's intermediates).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
+from pallas_kernels.block_sparse_flash import default_interpret
+from pallas_kernels.gated_delta_rule import gated_delta_rule_fwd
 from spb2_jax.ops.chunking import chunk_groups, from_groups
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
+from spb2_jax.ops.segments import chunk_runs, pad_time
 from spb2_jax.ops.triangular import unit_lower_inverse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -54,6 +60,7 @@ def chunk_gated_delta_rule(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 64,
     use_qk_l2norm: bool = True,
+    impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule, chunked; same contract as ``gated_delta_rule_reference``.
 
@@ -62,6 +69,8 @@ def chunk_gated_delta_rule(
         (in (0, 2) with negative eigenvalues).
       scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``. segment_ids: ``[B, T]``, 0 = padding.
       chunk_size: C; T need not be a multiple. use_qk_l2norm: L2-normalise q and k (eps 1e-6 in the sqrt).
+      impl: ``"xla"`` (grouped chunk scan below) or ``"pallas"`` (forward in the Pallas kernel
+        ``pallas_kernels.gated_delta_rule``, interpret mode on CPU; gradients through the XLA path).
     Returns:
       ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` (float32 or wider).
     """
@@ -71,6 +80,8 @@ def chunk_gated_delta_rule(
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} g{g.shape} beta{beta.shape}")
     if chunk_size <= 0:
         raise ValueError(f"{chunk_size=} must be positive")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
     acc = acc_dtype(q, k, v, g, beta)
     scale = K ** -0.5 if scale is None else scale
     if segment_ids is None:
@@ -84,10 +95,44 @@ def chunk_gated_delta_rule(
     k = jnp.where(real[..., None], k, 0.0)
     g = jnp.where(real, g, 0.0)
     beta = jnp.where(real, beta, 0.0)
-    xs = chunk_groups((q, k, v, g, beta), segment_ids, chunk_size, _GROUP)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
+    core = _pallas_core if impl == "pallas" and acc == jnp.float32 else _xla_core
+    o, S = core(q, k, v, g, beta, S0, segment_ids, chunk_size)
+    return o.astype(out_dtype), S
+
+
+def _xla_core(q, k, v, g, beta, S0, segment_ids, chunk_size):
+    """Prepared inputs (normalised, scaled, padding zeroed) -> ``(o [B, T, H, V], S)``: grouped chunk scan."""
+    xs = chunk_groups((q, k, v, g, beta), segment_ids, chunk_size, _GROUP)
     S, o = jax.lax.scan(jax.checkpoint(_group_step, prevent_cse=False), S0, xs)
-    return from_groups(o, T).astype(out_dtype), S
+    return from_groups(o, q.shape[1]), S
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _pallas_core(q, k, v, g, beta, S0, segment_ids, chunk_size):
+    """``_xla_core`` with the forward in the Pallas kernel; the backward is the VJP of ``_xla_core`` (the kernel
+    has no backward yet). float32 only (float64 tests use the XLA path)."""
+    T = q.shape[1]
+    C = chunk_size
+    padded = [pad_time(x, C) for x in (q, k, v, g, beta)]
+    runs, run_before = chunk_runs(segment_ids, C)  # [n, B, C], [n, B]
+    runs = rearrange(runs, "n B C -> B (n C)")
+    o, S = gated_delta_rule_fwd(*padded, runs, jnp.moveaxis(run_before, 0, 1), S0, chunk_size=C,
+                                interpret=default_interpret())
+    return o[:, :T], S
+
+
+def _pallas_fwd(q, k, v, g, beta, S0, segment_ids, chunk_size):
+    return _pallas_core(q, k, v, g, beta, S0, segment_ids, chunk_size), (q, k, v, g, beta, S0, segment_ids)
+
+
+def _pallas_bwd(chunk_size, res, cot):
+    *diff, segment_ids = res
+    _, vjp = jax.vjp(lambda *a: _xla_core(*a, segment_ids, chunk_size), *diff)
+    return (*vjp(cot), None)
+
+
+_pallas_core.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def _mm(a, b):

@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from pallas_kernels.block_sparse_flash import BlockSizes
+from pallas_kernels.moba import moba_flash_attention
+from pallas_kernels.sliding_window import causal_flash_attention
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.segments import pad_time, segment_labels, segment_positions
 
@@ -124,6 +127,7 @@ def moba_attention(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
+    impl: str = "xla",
 ) -> jax.Array:
     """MoBA attention that touches only the selected key blocks; equals ``moba_attention_reference``.
 
@@ -132,6 +136,8 @@ def moba_attention(
       chunk_size: MoBA block size C; topk: blocks per query token (own block included).
       segment_ids: ``[B, T]``, 0 = padding; blocks restart at every segment start.
       scale: default ``H ** -0.5``. block_size: query/key tile size of the attention loop.
+      impl: ``"xla"`` (tile loop below) or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same
+        selection; interpret mode on CPU; its tile is ``block_size`` rounded to a power of two, at most 128).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
@@ -141,6 +147,8 @@ def moba_attention(
         raise ValueError(f"query heads {N=} must be a multiple of kv heads {K=}")
     if chunk_size <= 0 or topk <= 0:
         raise ValueError(f"{chunk_size=} and {topk=} must be positive")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
     scale = H ** -0.5 if scale is None else scale
@@ -149,6 +157,10 @@ def moba_attention(
     # integer selection: no gradient flows through it (stop_gradient keeps it out of the backward graph)
     sel = moba_select_blocks(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), chunk_size=C, topk=topk,
                              segment_ids=segment_ids)  # [B, T, N, R]
+    if impl == "pallas":
+        return moba_flash_attention(q, k, v, sel=sel, seg=segment_labels(segment_ids),
+                                    pos=segment_positions(segment_ids), chunk_size=C, scale=scale,
+                                    block_sizes=BlockSizes.from_request(block_size, T))
     real = segment_ids != 0
     blk = segment_positions(segment_ids) // C
     seg_start, seg_end = _segment_bounds(segment_ids)
@@ -207,6 +219,7 @@ def causal_attention(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
+    impl: str = "xla",
 ) -> jax.Array:
     """Tiled full causal GQA attention inside segments, memory O(T * block_size) per query tile.
 
@@ -214,5 +227,11 @@ def causal_attention(
     query's own block is all its earlier keys, so only key tiles at or before the query tile are visited.
     """
     T = q.shape[1]
+    if impl == "pallas":
+        if segment_ids is None:
+            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        return causal_flash_attention(q, k, v, seg=segment_labels(segment_ids), scale=scale,
+                                      block_sizes=BlockSizes.from_request(block_size, T))
     return moba_attention(q, k, v, chunk_size=max(T, 1), topk=1, segment_ids=segment_ids, scale=scale,
-                          block_size=block_size)
+                          block_size=block_size, impl=impl)
+

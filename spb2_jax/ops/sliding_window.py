@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from pallas_kernels.block_sparse_flash import BlockSizes
+from pallas_kernels.sliding_window import sliding_window_flash_attention
 from spb2_jax.ops.attention import dot_product_attention
 from spb2_jax.ops.segments import pad_time, segment_labels
 
@@ -34,6 +36,7 @@ def sliding_window_attention(
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
+    impl: str = "xla",
 ) -> jax.Array:
     """Causal sliding-window GQA attention: query i sees keys j with ``i - window < j <= i`` in its segment.
 
@@ -41,6 +44,8 @@ def sliding_window_attention(
       q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]`` (``N % K == 0``).
       window: window size W (> 0). segment_ids: ``[B, T]``, 0 = padding (zero output). scale: default H^-0.5.
       block_size: query/key tile size; memory is O(T * (W + block_size)).
+      impl: ``"xla"`` (banded einsum below) or ``"pallas"`` (``pallas_kernels.sliding_window_flash_attention``,
+        interpret mode on CPU; its tile is ``block_size`` rounded to a power of two, at most 128).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``; equals ``attention_reference(..., window=window)``.
     """
@@ -49,8 +54,13 @@ def sliding_window_attention(
         raise ValueError(f"{window=} must be positive")
     if k.shape[:2] != (B, T) or v.shape != k.shape:
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape}")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
+    if impl == "pallas":
+        return sliding_window_flash_attention(q, k, v, window=window, seg=segment_labels(segment_ids), scale=scale,
+                                              block_sizes=BlockSizes.from_request(block_size, T))
     bs = max(1, min(block_size, T))
     n_prev = -(-(window - 1) // bs)
     qp, kp, vp = (pad_time(x, bs) for x in (q, k, v))
