@@ -280,13 +280,19 @@ def _vjp_bwd(spec, scale, block, interpret, res, do):
 block_sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
+def dense_mask(seg: jax.Array, blk: jax.Array, sel: jax.Array, spec: MaskSpec) -> jax.Array:
+    """The kernels' per-token mask for every (query, key) pair: ``[B, N, T, T]`` boolean (tests, references)."""
+    T = seg.shape[1]
+    pos = jnp.arange(T, dtype=jnp.int32)
+    return jax.vmap(lambda sg, bk, sl: jax.vmap(
+        lambda s_n: _mask(spec, pos, sg, bk, s_n, pos, sg, bk), in_axes=1)(sl))(seg, blk, sel)
+
+
 def block_sparse_attention_reference(q, k, v, seg, blk, sel, spec: MaskSpec, scale: float):
     """Dense ``[T, T]`` twin of ``block_sparse_attention`` (no tile lists: every key is considered), float32."""
     B, T, N, D = q.shape
     K = k.shape[2]
-    pos = jnp.arange(T, dtype=jnp.int32)
-    mask = jax.vmap(lambda sg, bk, sl: jax.vmap(
-        lambda s_n: _mask(spec, pos, sg, bk, s_n, pos, sg, bk), in_axes=1)(sl))(seg, blk, sel)  # [B, N, T, T]
+    mask = dense_mask(seg, blk, sel, spec)  # [B, N, T, T]
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, D)
     logits = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)).reshape(B, N, T, T) * scale
     logits = jnp.where(mask, logits, _MASKED)

@@ -1,0 +1,236 @@
+"""Pallas kernels (``interpret=True`` on CPU) against the level above them, the XLA paths (``impl="xla"``).
+
+float32 cases use ``test_ops_fast.compare``: forward AND gradients of every input, bound 1e-4 * max|ref| + 1e-6
+(both sides are float32 computations of the same function in a different order).
+
+bfloat16 (attention kernels) — the bound, derived. The XLA path upcasts the bf16 inputs to float32 and rounds
+only its result; the kernel feeds bf16 operands to its matmuls (exact products, float32 accumulation), so its
+extra error is the rounding of the float32 operands it builds itself to bf16 (relative u = 2^-9 each):
+- forward: ``o = sum_s round(p_s) v_s / l`` with ``|round(p) - p| <= u p``, so ``|d o| <= u sum_s p_s |v_s| / l
+  <= u max|v|``; both outputs are then rounded to bf16 (the 2-ulp ``BF16_OUT_RTOL`` of test_ops_fast);
+- gradients: ``dV = sum_t round(p) dO`` errs by ``<= u E_dv`` with the envelope ``E_dv = P^T |dO|``; ``dQ =
+  scale sum_s round(dS) K`` and ``dK`` by ``<= u scale E_dS |K|`` (resp. ``E_dS^T |Q|``), where ``E_dS = P *
+  (|dO| |V|^T + rowsum(|O| |dO|))`` bounds ``|dS|``; delta = rowsum(O dO) uses the bf16-rounded output, another
+  ``u rowsum(|O| |dO|)`` inside E_dS. So each gradient is allowed ``2 u E`` (the two roundings) plus the 4-ulp
+  ``BF16_GRAD_RTOL`` of the final cast. Envelopes are computed in numpy float64 from the dense mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse_flash import MaskSpec, block_sparse_attention, block_sparse_attention_reference
+from pallas_kernels.block_sparse_flash import dense_mask
+from pallas_kernels.moba import moba_tile_lists
+from spb2_jax.ops.attention import attention_reference
+from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
+from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_select_blocks
+from spb2_jax.ops.segments import segment_labels, segment_positions
+from spb2_jax.ops.sliding_window import sliding_window_attention
+from tests.test_ops_fast import BF16_GRAD_RTOL, BF16_OUT_RTOL, F32_ATOL, check, compare, seg_ids
+from tests.test_ops_reference import gdn_inputs, randn, rng_for
+
+U = 2.0 ** -9  # bf16 unit roundoff
+
+ATTN_CASES = [
+    # B, T, N, K, D, tile, layout
+    (1, 1, 2, 1, 32, 16, "single"),
+    (2, 75, 4, 1, 32, 16, "varlen"),  # GQA 4:1, T % tile != 0
+    (2, 45, 2, 2, 64, 16, "short"),  # many short segments, length-1 segments, a hole
+    (2, 40, 2, 1, 32, 32, "leftpad"),
+]
+SWA_WINDOWS = (2, 7, 128)  # 128 > T: plain causal (window 1: test_sliding_window_kernel_window_one)
+
+
+def _attn_id(c):
+    B, T, N, K, D, tile, layout = c
+    return f"B{B}-T{T}-N{N}-K{K}-D{D}-tile{tile}-{layout}"
+
+
+def _attn_inputs(case):
+    B, T, N, K, D, tile, layout = case
+    rng = rng_for("pallas-attn", case)
+    return dict(q=randn(rng, B, T, N, D), k=randn(rng, B, T, K, D), v=randn(rng, B, T, K, D)), \
+        jnp.asarray(seg_ids(B, T, layout))
+
+
+def _ops(name, seg, tile, **kw):
+    """``(pallas, xla)`` callables ``dict -> (o,)`` of one ``spb2_jax.ops`` attention entry point."""
+    op = dict(swa=sliding_window_attention, moba=moba_attention, causal=causal_attention)[name]
+
+    def run(impl, x):
+        return (op(x["q"], x["k"], x["v"], segment_ids=seg, block_size=tile, impl=impl, **kw),)
+
+    return functools.partial(run, "pallas"), functools.partial(run, "xla")
+
+
+@pytest.mark.parametrize("window", SWA_WINDOWS)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
+def test_sliding_window_kernel(case, window):
+    inputs, seg = _attn_inputs(case)
+    compare(f"pallas-swa-w{window}", *_ops("swa", seg, case[5], window=window), inputs, jnp.float32, 1)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
+def test_sliding_window_kernel_window_one(case):
+    """Window 1: every real token attends to itself only, so ``o_t = v_t`` (its kv head) and padding gives 0.
+    (Its gradient w.r.t. q is identically 0 = dP - delta, a cancellation: compared in the other windows.)"""
+    inputs, seg = _attn_inputs(case)
+    pallas, _ = _ops("swa", seg, case[5], window=1)
+    (o,) = pallas({n: jnp.asarray(a) for n, a in inputs.items()})
+    G = case[2] // case[3]
+    want = np.repeat(inputs["v"], G, axis=2) * (np.asarray(seg) != 0)[..., None, None]
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-6, atol=0)
+
+
+MOBA_CASES = [(c, C, topk) for c in ATTN_CASES for C, topk in ((8, 3), (4, 2))]
+
+
+@pytest.mark.parametrize("case,C,topk", MOBA_CASES, ids=[f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in MOBA_CASES])
+def test_moba_kernel(case, C, topk):
+    inputs, seg = _attn_inputs(case)
+    compare(f"pallas-moba-C{C}-top{topk}", *_ops("moba", seg, case[5], chunk_size=C, topk=topk), inputs,
+            jnp.float32, 1)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES[1:3], ids=_attn_id)
+def test_moba_kernel_topk_covering_all_blocks_is_dense_causal(case):
+    """topk >= number of blocks: every earlier block is selected, MoBA is plain causal attention."""
+    inputs, seg = _attn_inputs(case)
+    T = case[1]
+    pallas, _ = _ops("moba", seg, case[5], chunk_size=8, topk=-(-T // 8) + 1)
+
+    def dense(x):
+        return (attention_reference(x["q"], x["k"], x["v"], segment_ids=seg, causal=True),)
+
+    compare("pallas-moba-all-blocks", pallas, dense, inputs, jnp.float32, 1)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
+def test_causal_kernel(case):
+    inputs, seg = _attn_inputs(case)
+    compare("pallas-causal", *_ops("causal", seg, case[5]), inputs, jnp.float32, 1)
+
+
+@pytest.mark.parametrize("C,topk", [(8, 3), (16, 2)])
+@pytest.mark.parametrize("case", ATTN_CASES[1:], ids=_attn_id)
+def test_moba_tile_lists_are_exact(case, C, topk):
+    """The lists hold exactly the key tiles that contain at least one unmasked key for some token of the query
+    tile (superset: correctness; nothing more: no wasted visits), checked against the dense mask."""
+    inputs, seg = _attn_inputs(case)
+    B, T, N, K, D, tile, layout = case
+    Tp = -(-T // tile) * tile
+    pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                   constant_values=val)
+    sel = moba_select_blocks(jnp.asarray(inputs["q"]), jnp.asarray(inputs["k"]), chunk_size=C, topk=topk,
+                             segment_ids=seg)
+    labels, pos, sel = pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
+    fwd, fwd_n, bwd, bwd_n = (np.asarray(x) for x in moba_tile_lists(sel, labels, pos, C, tile))
+    mask = np.asarray(dense_mask(labels, pos // C, sel, MaskSpec(moba=True)))  # [B, N, Tp, Tp]
+    nT = Tp // tile
+    want = mask.reshape(B, N, nT, tile, nT, tile).any(axis=(3, 5))  # [B, N, i, j]
+    got = np.zeros_like(want)
+    got_t = np.zeros_like(want)
+    for b, n, i in np.ndindex(B, N, nT):
+        got[b, n, i, fwd[b, n, i, :fwd_n[b, n, i]]] = True
+        got_t[b, n, bwd[b, n, i, :bwd_n[b, n, i]], i] = True
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_t, want)
+    assert all(np.all(np.diff(fwd[b, n, i, :fwd_n[b, n, i]]) > 0) for b, n, i in np.ndindex(B, N, nT))
+
+
+def test_core_equals_its_dense_twin():
+    """``block_sparse_attention`` with MoBA lists equals ``block_sparse_attention_reference`` (dense mask)."""
+    case = (2, 64, 4, 2, 32, 16, "varlen")
+    inputs, seg = _attn_inputs(case)
+    q, k, v = (jnp.asarray(inputs[n]) for n in "qkv")
+    sel = moba_select_blocks(q, k, chunk_size=8, topk=3, segment_ids=seg)
+    labels, pos = segment_labels(seg), segment_positions(seg)
+    meta = moba_tile_lists(sel, labels, pos, 8, 16) + (labels, pos // 8, sel)
+    got = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), 32 ** -0.5, 16, True)
+    want = block_sparse_attention_reference(q, k, v, labels, pos // 8, sel, MaskSpec(moba=True), 32 ** -0.5)
+    check("core vs dense twin", "pallas-core/f32/fwd", got, want, 1e-4, F32_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- bfloat16
+def _envelopes(x, mask, scale, do, o):
+    """float64 envelopes of the module docstring: ``(E_o = max|v| scalar, E_dq, E_dk, E_dv)``, GQA-aware."""
+    q, k, v = (np.asarray(x[n], np.float64) for n in "qkv")
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    G = N // K
+    kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)  # [B, T, N, D] per query head
+    logits = np.einsum("btnd,bsnd->bnts", q, kk) * scale
+    logits = np.where(mask, logits, -np.inf)
+    m = np.max(logits, axis=-1, keepdims=True)
+    p = np.where(mask, np.exp(logits - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    ado, ao = np.abs(np.asarray(do, np.float64)), np.abs(np.asarray(o, np.float64))
+    e_ds = p * (np.einsum("btnd,bsnd->bnts", ado, np.abs(vv)) + np.einsum("btnd,btnd->bnt", ao, ado)[..., None])
+    e_dq = scale * np.einsum("bnts,bsnd->btnd", e_ds, np.abs(kk))
+    fold = lambda e: e.reshape(B, T, K, G, D).sum(3)  # noqa: E731
+    e_dk = fold(scale * np.einsum("bnts,btnd->bsnd", e_ds, np.abs(q)))
+    e_dv = fold(np.einsum("bnts,btnd->bsnd", p, ado))
+    return float(np.max(np.abs(v))), e_dq, e_dk, e_dv
+
+
+BF16_CASES = [("swa", dict(window=7), MaskSpec(window=7)), ("moba", dict(chunk_size=8, topk=3), None),
+              ("causal", {}, MaskSpec())]
+
+
+@pytest.mark.parametrize("name,kw,spec", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_attention_kernels_bf16(name, kw, spec):
+    case = (2, 75, 4, 1, 32, 16, "varlen")
+    inputs, seg = _attn_inputs(case)
+    x16 = {n: jnp.asarray(a, jnp.bfloat16) for n, a in inputs.items()}
+    x32 = {n: jnp.asarray(a, jnp.float32) for n, a in x16.items()}  # the same rounded values
+    pallas, xla = _ops(name, seg, case[5], **kw)
+    do = jnp.asarray(jnp.asarray(randn(rng_for("bf16-do", name), *case[:3], case[4]), jnp.bfloat16), jnp.float32)
+    o16, vjp16 = jax.vjp(lambda x: pallas(x)[0].astype(jnp.float32), x16)
+    o32, vjp32 = jax.vjp(lambda x: xla(x)[0], x32)
+    (g16,), (g32,) = vjp16(do), vjp32(do)
+    labels, pos = segment_labels(seg), segment_positions(seg)
+    if name == "moba":
+        sel = moba_select_blocks(x32["q"], x32["k"], chunk_size=8, topk=3, segment_ids=seg)
+        mask = dense_mask(labels, pos // 8, sel, MaskSpec(moba=True))
+    else:
+        mask = dense_mask(labels, jnp.zeros_like(pos), jnp.full(case[:3] + (1,), -1, jnp.int32), spec)
+    e_o, e_dq, e_dk, e_dv = _envelopes(x32, np.asarray(mask), 32 ** -0.5, do, o32)
+    ref = np.asarray(o32)
+    check(f"{name} bf16 out", f"pallas-{name}/bf16/fwd", o16, ref, BF16_OUT_RTOL, U * e_o + F32_ATOL)
+    for n, env in (("q", e_dq), ("k", e_dk), ("v", e_dv)):
+        a, e = np.asarray(g16[n], np.float64), np.asarray(g32[n], np.float64)
+        allowed = 2 * U * env + BF16_GRAD_RTOL * np.max(np.abs(e)) + F32_ATOL
+        assert np.all(np.abs(a - e) <= allowed), \
+            f"{name} bf16 grad[{n}]: worst excess {np.max(np.abs(a - e) - allowed):.3e}"
+
+
+# ----------------------------------------------------------------------------------------------- gated delta rule
+GDN_CASES = [
+    # B, T, H, K, V, C, layout, init
+    (1, 1, 2, 64, 64, 16, "single", False),
+    (2, 75, 2, 64, 32, 16, "varlen", True),
+    (2, 30, 1, 32, 32, 8, "short", True),
+    (2, 37, 1, 64, 64, 16, "leftpad", True),
+]
+
+
+@pytest.mark.parametrize("case", GDN_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{c[6]}")
+def test_gated_delta_rule_kernel(case):
+    """Forward output and final state of the kernel vs the XLA chunked path (gradients: the kernel's custom VJP
+    is the XLA path's, checked through ``compare`` as well)."""
+    B, T, H, K, V, C, layout, init = case
+    q, k, v, g, beta, s0 = gdn_inputs(rng_for("pallas-gdn", case), B, T, H, K, V, 1.0, init)
+    seg = jnp.asarray(seg_ids(B, T, layout))
+    inputs = dict(q=q, k=k, v=v, g=g, beta=beta) | (dict(s0=s0) if init else {})
+
+    def run(impl, x):
+        return chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x.get("s0"),
+                                      segment_ids=seg, chunk_size=C, impl=impl)
+
+    compare("pallas-gdn", functools.partial(run, "pallas"), functools.partial(run, "xla"), inputs, jnp.float32, 2)
