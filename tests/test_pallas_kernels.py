@@ -45,6 +45,14 @@ ATTN_CASES = [
     (2, 40, 2, 1, 32, 32, "leftpad"),
 ]
 SWA_WINDOWS = (2, 7, 128)  # 128 > T: plain causal (window 1: test_sliding_window_kernel_window_one)
+DEFAULT = {"B2-T75-N4-K1-D32-tile16-varlen", "B2-T45-N2-K2-D64-tile16-short"}  # CI's default selection; the
+# rest of each grid is marked slow (these two cover GQA 4:1, T % tile != 0, short / length-1 segments, a hole)
+
+
+def params(values, ids, default):
+    """``pytest.param`` per case, marked slow unless ``default(id)``."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=i,
+                         marks=() if default(i) else pytest.mark.slow) for v, i in zip(values, ids)]
 
 
 def _attn_id(c):
@@ -69,8 +77,11 @@ def _ops(name, seg, tile, **kw):
     return functools.partial(run, "pallas"), functools.partial(run, "xla")
 
 
-@pytest.mark.parametrize("window", SWA_WINDOWS)
-@pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
+SWA_GRID = [(c, w) for c in ATTN_CASES for w in SWA_WINDOWS]
+
+
+@pytest.mark.parametrize("case,window", params(SWA_GRID, [f"{_attn_id(c)}-w{w}" for c, w in SWA_GRID],
+                                               lambda i: i.rsplit("-", 1)[0] in DEFAULT and i.endswith("w7")))
 def test_sliding_window_kernel(case, window):
     inputs, seg = _attn_inputs(case)
     compare(f"pallas-swa-w{window}", *_ops("swa", seg, case[5], window=window), inputs, jnp.float32, 1)
@@ -91,7 +102,8 @@ def test_sliding_window_kernel_window_one(case):
 MOBA_CASES = [(c, C, topk) for c in ATTN_CASES for C, topk in ((8, 3), (4, 2))]
 
 
-@pytest.mark.parametrize("case,C,topk", MOBA_CASES, ids=[f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in MOBA_CASES])
+@pytest.mark.parametrize("case,C,topk", params(MOBA_CASES, [f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in MOBA_CASES],
+                                                lambda i: i.rsplit("-", 2)[0] in DEFAULT))
 def test_moba_kernel(case, C, topk):
     inputs, seg = _attn_inputs(case)
     compare(f"pallas-moba-C{C}-top{topk}", *_ops("moba", seg, case[5], chunk_size=C, topk=topk), inputs,
@@ -111,14 +123,17 @@ def test_moba_kernel_topk_covering_all_blocks_is_dense_causal(case):
     compare("pallas-moba-all-blocks", pallas, dense, inputs, jnp.float32, 1)
 
 
-@pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
+@pytest.mark.parametrize("case", params([(c,) for c in ATTN_CASES], map(_attn_id, ATTN_CASES), lambda i: i.endswith("varlen")))
 def test_causal_kernel(case):
     inputs, seg = _attn_inputs(case)
     compare("pallas-causal", *_ops("causal", seg, case[5]), inputs, jnp.float32, 1)
 
 
-@pytest.mark.parametrize("C,topk", [(8, 3), (16, 2)])
-@pytest.mark.parametrize("case", ATTN_CASES[1:], ids=_attn_id)
+LIST_CASES = [(c, C, k) for c in ATTN_CASES[1:] for C, k in ((8, 3), (16, 2))]
+
+
+@pytest.mark.parametrize("case,C,topk", params(LIST_CASES, [f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in LIST_CASES],
+                                                lambda i: i.rsplit("-", 2)[0] in DEFAULT))
 def test_moba_tile_lists_are_exact(case, C, topk):
     """The lists hold exactly the key tiles that contain at least one unmasked key for some token of the query
     tile (superset: correctness; nothing more: no wasted visits), checked against the dense mask."""
@@ -183,7 +198,7 @@ BF16_CASES = [("swa", dict(window=7), MaskSpec(window=7)), ("moba", dict(chunk_s
               ("causal", {}, MaskSpec())]
 
 
-@pytest.mark.parametrize("name,kw,spec", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+@pytest.mark.parametrize("name,kw,spec", params(BF16_CASES, [c[0] for c in BF16_CASES], lambda i: i != "causal"))
 def test_attention_kernels_bf16(name, kw, spec):
     case = (2, 75, 4, 1, 32, 16, "varlen")
     inputs, seg = _attn_inputs(case)
@@ -220,7 +235,11 @@ GDN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", GDN_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{c[6]}")
+GDN_IDS = [f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{c[6]}" for c in GDN_CASES]
+
+
+@pytest.mark.parametrize("case", params([(c,) for c in GDN_CASES], GDN_IDS,
+                                        lambda i: i.endswith(("varlen", "short"))))
 def test_gated_delta_rule_kernel(case):
     """Forward output and final state of the kernel vs the XLA chunked path (gradients: the kernel's custom VJP
     is the XLA path's, checked through ``compare`` as well)."""
