@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from bench_ops import measure  # same folder: tools/ is sys.path[0] when run as a script
+
 from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
 from spb2_jax.ops.sliding_window import sliding_window_attention
@@ -36,14 +38,8 @@ def _peak() -> float | None:
 
 
 def _time(fn, args, repeats):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``jax.jit(fn)(*args)`` after a compiling call (``bench_ops.measure``, no memory cap)."""
+    return measure(fn, args, repeats, float("inf"))[0]
 
 
 def _attention_flops(T, N, D, visited_pairs_per_head):
