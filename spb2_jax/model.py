@@ -81,16 +81,25 @@ class SpB2Model(nn.Module):
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def __call__(self, input_ids, segment_ids, positions, deterministic=True):
-        """Returns ``(final normed hidden, per-block outputs, per-block mixer outputs, aux [L])``."""
+    def __call__(self, input_ids, segment_ids, positions, deterministic=True, caches=None, step=None):
+        """Returns ``(final normed hidden, per-block outputs, per-block mixer outputs, aux [L], caches)``.
+
+        With ``caches`` (one per layer) and ``step`` (``spb2_jax.layers.cache.CacheStep``) the tokens are added to
+        the caches; the returned ``caches`` are the updated ones (None without).
+        """
         x = self.embeddings(input_ids)  # [B, T, D]
-        hidden, mixed_all, aux_all = [x], [], []
-        for layer in self.layers:
-            x, mixed, aux = layer(x, segment_ids, positions, deterministic)
+        hidden, mixed_all, aux_all, new_caches = [x], [], [], []
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            rope_pos = positions
+            if step is not None and step.rope_offset and i >= 1:
+                rope_pos = positions + step.rope_offset  # official decode quirk, see CacheStep
+            x, mixed, aux, cache = layer(x, segment_ids, rope_pos, deterministic, cache, step)
             hidden.append(x)
             mixed_all.append(mixed)
             aux_all.append(aux)
-        return self.norm(x), hidden, mixed_all, jnp.stack(aux_all)
+            new_caches.append(cache)
+        return self.norm(x), hidden, mixed_all, jnp.stack(aux_all), None if caches is None else tuple(new_caches)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``x @ embeddings^T``."""
@@ -140,11 +149,8 @@ class SpB2ForCausalLM(nn.Module):
           output_hidden_states, output_mixer_outputs: also return per-layer activations.
         """
         seg, pos = segments_and_positions(input_ids, attention_mask, segment_ids)
-        normed, hidden, mixed, aux = self.model(input_ids, seg, pos, deterministic)
-        if self.config.tie_word_embeddings:
-            logits = self.model.attend(normed)
-        else:
-            logits = self.lm_head(normed)
+        normed, hidden, mixed, aux, _ = self.model(input_ids, seg, pos, deterministic)
+        logits = self.head(normed)
         return CausalLMOutput(
             logits=logits,
             aux_losses=aux,
@@ -152,6 +158,30 @@ class SpB2ForCausalLM(nn.Module):
             last_block_output=hidden[-1] if output_hidden_states else None,
             mixer_outputs=tuple(mixed) if output_mixer_outputs else None,
         )
+
+
+    def head(self, normed: jax.Array) -> jax.Array:
+        """Output projection of the final normed hidden states -> logits."""
+        if self.config.tie_word_embeddings:
+            return self.model.attend(normed)
+        return self.lm_head(normed)
+
+    def extend(self, input_ids: jax.Array, caches: tuple, step, all_logits: bool = True):
+        """Add ``input_ids [B, T]`` to the decoding caches (``spb2_jax.generate`` is the user-facing API).
+
+        Args:
+          caches: per-layer caches (``spb2_jax.layers.cache``); step: their ``CacheStep`` (real tokens, positions).
+          all_logits: logits of every token ``[B, T, V]``; False: only of each row's last real token ``[B, 1, V]``.
+        Returns:
+          ``(logits, updated caches)``.
+        """
+        seg = step.valid.astype(jnp.int32)
+        normed, _, _, _, caches = self.model(input_ids, seg, jnp.maximum(step.positions, 0), True, caches, step)
+        if not all_logits:
+            T = input_ids.shape[1]
+            last = jnp.max(jnp.where(step.valid, jnp.arange(T), 0), axis=1)  # [B]
+            normed = jnp.take_along_axis(normed, last[:, None, None], axis=1)
+        return self.head(normed), caches
 
 
 def causal_lm_loss(

@@ -77,8 +77,8 @@ def test_swa_dropout_returns_sse_half_alone():
     seg = jnp.ones((2, 37), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(37), (2, 37))
     kind = config.layer_kind(layer)
-    eval_out, _ = SSESWAMixer(config, kind).apply({"params": mixer_params}, x, seg, pos)
-    dropped, _ = SSESWAMixer(config.replace(swa_dropout=1.0), kind).apply(
+    eval_out, _, _ = SSESWAMixer(config, kind).apply({"params": mixer_params}, x, seg, pos)
+    dropped, _, _ = SSESWAMixer(config.replace(swa_dropout=1.0), kind).apply(
         {"params": mixer_params}, x, seg, pos, deterministic=False, rngs={"dropout": jax.random.key(3)})
     np.testing.assert_allclose(np.asarray(dropped), 2 * np.asarray(eval_out), rtol=1e-6, atol=1e-7)
     assert np.abs(np.asarray(eval_out)).max() > 0.1

@@ -1,4 +1,8 @@
-"""Softmax-attention token mixers: full causal attention and MoBA (HF ``Attention`` / ``MoBAAttention``)."""
+"""Softmax-attention token mixers: full causal attention and MoBA (HF ``Attention`` / ``MoBAAttention``).
+
+With a ``KVCache`` the mixer adds tokens to it (prefill piece or decode step) and attends over the cache: same
+per-token semantics as the forward (``spb2_jax.ops.cached_attention``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
+from spb2_jax.layers.cache import CacheStep, KVCache
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
 from spb2_jax.ops import dispatch
+from spb2_jax.ops.cached_attention import causal_slot_mask, moba_slot_mask, tiled_attention
 from spb2_jax.ops.rope import apply_rope
 
 
@@ -26,7 +32,10 @@ class AttentionMixer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 cache: KVCache | None = None, step: CacheStep | None = None) -> tuple[jax.Array, KVCache | None]:
+        """``x [B, T, D]`` -> ``(output [B, T, D], updated cache or None)``; ``positions`` are the RoPE
+        positions. With ``cache`` and ``step``: the real tokens are added to the cache first."""
         c, a = self.config, self.config.attn
         H = c.head_dim
         kw = dict(use_bias=a.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -40,12 +49,34 @@ class AttentionMixer(nn.Module):
             k = RMSNorm(name="k_norm", **norm_kw)(k)
         q = apply_rope(q, positions, a.rope_theta)
         k = apply_rope(k, positions, a.rope_theta)
-        if self.kind == LayerKind.MOBA:
-            o = dispatch.moba(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk, segment_ids=segment_ids,
-                              impl=self.impl)
-        elif self.kind == LayerKind.FULL:
-            o = dispatch.full_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
-        else:
+        if self.kind not in (LayerKind.FULL, LayerKind.MOBA):
             raise ValueError(f"AttentionMixer kind={self.kind!r} must be {LayerKind.FULL!r} or {LayerKind.MOBA!r}")
+        if cache is not None:
+            cache = cache.append(k, v, step, a.moba_chunk_size)
+        if cache is None or step.fresh:
+            o = self._attend_forward(q, k, v, segment_ids)
+        else:
+            o = self._attend_cache(q, cache, step)
         o = rearrange(o, "B T N H -> B T (N H)")
-        return dense(c.hidden_size, "o_proj", std, dtype=self.dtype, param_dtype=self.param_dtype)(o)
+        return dense(c.hidden_size, "o_proj", std, dtype=self.dtype, param_dtype=self.param_dtype)(o), cache
+
+    def _attend_forward(self, q, k, v, segment_ids):
+        """The forward's attention over the tokens of this call (also a fresh cache's first piece)."""
+        a = self.config.attn
+        if self.kind == LayerKind.MOBA:
+            return dispatch.moba(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk, segment_ids=segment_ids,
+                                 impl=self.impl)
+        return dispatch.full_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
+
+    def _attend_cache(self, q, cache: KVCache, step: CacheStep):
+        """New queries over the whole position-indexed cache (already holding the new keys)."""
+        a = self.config.attn
+        S = cache.k.shape[1]
+        if self.kind == LayerKind.MOBA and not step.moba_dense:
+            def mask_fn(qt, pt):
+                return moba_slot_mask(qt, pt, cache.block_sums, num_slots=S, chunk_size=a.moba_chunk_size,
+                                      topk=a.moba_topk)
+        else:
+            def mask_fn(qt, pt):
+                return causal_slot_mask(pt, S)
+        return tiled_attention(q, cache.k, cache.v, mask_fn, step.positions)

@@ -1,7 +1,8 @@
 """SSE + sliding-window-attention hybrid token mixer (HF ``SSEGDNH`` / ``SSEGLAH``).
 
 ``out = (rms(sse, sse_merge_norm) + rms(swa, swa_merge_norm)) / 2``; in training (``deterministic=False``)
-with probability ``swa_dropout`` the layer returns ``rms(sse, sse_merge_norm)`` alone.
+with probability ``swa_dropout`` the layer returns ``rms(sse, sse_merge_norm)`` alone. With an ``SSECache`` the
+recurrences continue from the cached states and the SWA attends over the ring buffer plus the new tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
+from spb2_jax.layers.cache import CacheStep, SSECache
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
 from spb2_jax.ops import dispatch
+from spb2_jax.ops.cached_attention import tiled_attention, window_key_mask
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.rope import apply_rope
 from spb2_jax.ops.sse import sse_aux_loss, sse_gdn, sse_gla, sse_route
@@ -37,7 +40,8 @@ def _dt_bias_init(key, shape, dtype):
 
 
 class SSESWAMixer(nn.Module):
-    """One SSE (GDN or GLA, per ``kind``) + SWA layer; returns ``(output [B, T, D], aux_loss [])``."""
+    """One SSE (GDN or GLA, per ``kind``) + SWA layer; returns ``(output [B, T, D], aux_loss [], cache)``
+    (the updated ``SSECache``, or None without one)."""
 
     config: SpB2Config
     kind: str
@@ -58,7 +62,8 @@ class SSESWAMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+                 deterministic: bool = True, cache: SSECache | None = None,
+                 step: CacheStep | None = None) -> tuple[jax.Array, jax.Array, SSECache | None]:
         c = self.config
         if self.kind not in (LayerKind.SSE_GDN, LayerKind.SSE_GLA):
             raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
@@ -85,13 +90,16 @@ class SSESWAMixer(nn.Module):
         v = nn.silu(v)
         p, write, read = sse_route(self._dense(N, "sse_e_proj")(x), c.num_writer, c.num_reader)  # [B, T, N]
         form = c.sse_implementation
+        rec = dict(form=form, segment_ids=segment_ids, impl=self.impl,
+                   initial_state=None if cache is None else cache.state)
+        if cache is not None and x.shape[1] == 1:
+            rec["impl"] = "reference"  # one token: a single recurrence step, no chunk padding
 
         if is_gla:
             gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, out_bias=True))
                             for i in range(2)], axis=2)  # [B, T, 2, H, Dh]
             gk = jax.nn.log_sigmoid(gk.astype(f32)) / GLA_GATE_NORMALIZER
-            sse_o, _ = sse_gla(q1, k1, q2, k2, v, gk, p, write, read, form=form, segment_ids=segment_ids,
-                               impl=self.impl)
+            sse_o, state = sse_gla(q1, k1, q2, k2, v, gk, p, write, read, **rec)
         else:
             beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj")(x).astype(f32))  # [B, T, 2H]
             if c.allow_neg_eigval:
@@ -101,8 +109,7 @@ class SSESWAMixer(nn.Module):
             a = self._dense(2 * H, "sse_a_proj")(x).astype(f32)
             g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2H]
             two = lambda t: rearrange(t, "B T (two H) -> B T two H", two=2)  # noqa: E731
-            sse_o, _ = sse_gdn(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, form=form,
-                               segment_ids=segment_ids, impl=self.impl)
+            sse_o, state = sse_gdn(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, **rec)
 
         if c.use_output_gate:
             gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh))
@@ -121,11 +128,25 @@ class SSESWAMixer(nn.Module):
         if a.qk_norm:
             sq, sk = self._norm("swa_q_norm")(sq), self._norm("swa_k_norm")(sk)
         sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
-        swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segment_ids=segment_ids, impl=self.impl)
+        if cache is None or step.fresh:
+            swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segment_ids=segment_ids,
+                                              impl=self.impl)
+        else:
+            swa_o = self._window_over_cache(sq, sk, sv, cache, step)
+        if cache is not None:
+            cache = cache.append(sk, sv, step, state)
         swa_o = self._dense(c.hidden_size, "swa_o_proj")(rearrange(swa_o, "B T N H -> B T (N H)"))
         out = (sse_out + self._norm("swa_merge_norm")(swa_o)) / 2
 
         if not deterministic and c.swa_dropout > 0:
             drop = jax.random.uniform(self.make_rng("dropout"), ()) < c.swa_dropout
             out = jnp.where(drop, sse_out, out)
-        return out, aux
+        return out, aux, cache
+
+    def _window_over_cache(self, q, k, v, cache: SSECache, step: CacheStep) -> jax.Array:
+        """SWA of the new queries over the ring buffer (earlier tokens) plus the new keys."""
+        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+        kpos = jnp.concatenate([cache.pos, step.positions], axis=1)
+        window = cache.window if self.config.attn.window_size is None else self.config.attn.window_size
+        return tiled_attention(q, keys, values, lambda qt, pt: window_key_mask(pt, kpos, window), step.positions)
