@@ -4,6 +4,9 @@
 """
 
 from spb2_jax.generate.decode import decode_step, prefill
+from spb2_jax.generate.loop import GenerateOutput, bucket_length, generate
+from spb2_jax.generate.sampling import filter_logits, sample_token
 from spb2_jax.layers.cache import Cache, CacheStep, KVCache, SSECache, init_cache
 
-__all__ = ["Cache", "CacheStep", "KVCache", "SSECache", "decode_step", "init_cache", "prefill"]
+__all__ = ["Cache", "CacheStep", "GenerateOutput", "KVCache", "SSECache", "bucket_length", "decode_step",
+           "filter_logits", "generate", "init_cache", "prefill", "sample_token"]
