@@ -160,7 +160,25 @@ def test_sse_ring_buffer_keeps_the_last_window(tiny):
     assert np.all(np.asarray(sse.pos[0]) % W == np.arange(W))
     kv = [c for c in cache.layers if isinstance(c, KVCache) and c.block_sums is not None][0]
     C = config.attn.moba_chunk_size
-    np.testing.assert_allclose(np.asarray(kv.block_sums[0, 1]), np.asarray(kv.k[0, C:2 * C]).sum(0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kv.block_sums[0, 1]), np.asarray(kv.k[0, :, C:2 * C]).sum(1),
+                               atol=1e-5)
+
+
+def test_donated_cache_is_updated_in_place(tiny):
+    """``donate_cache=True`` (prefill into a fresh cache, then a decode step) gives the same logits and cache and
+    consumes the cache passed in."""
+    config, params = tiny
+    ids = np.asarray(np.load(fixture_dir("tiny") / "inputs.npz")["input_ids"][:, :20], np.int32)
+    _, cache = prefill(params, config, ids, init_cache(config, 2, 24))
+    fresh = init_cache(config, 2, 24)
+    _, donated = prefill(params, config, ids, fresh, donate_cache=True)
+    assert all(x.is_deleted() for x in jax.tree.leaves(fresh.layers))
+    want, want_cache = decode_step(params, config, ids[:, :1], cache)
+    got, got_cache = decode_step(params, config, ids[:, :1], donated, donate_cache=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert all(np.array_equal(a, b) for a, b in zip(_cache_leaves(got_cache).values(),
+                                                    _cache_leaves(want_cache).values()))
+    assert all(x.is_deleted() for x in jax.tree.leaves(donated.layers))
 
 
 def test_prefill_rejects_bad_input(tiny):

@@ -29,10 +29,11 @@ DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "a
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fresh", "moba_dense", "top_k", "impl", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "fresh", "moba_dense", "top_k", "impl", "dtype"),
+                   donate_argnames=("cache",))
 def _extend_and_sample(params, ids, cache, rng, temperature, top_p, *, config, fresh, moba_dense, top_k, impl,
                        dtype):
-    """Add ``ids [1, T]`` to the cache and sample the next token (same key chain as ``generate``)."""
+    """Add ``ids [1, T]`` to the cache (in place) and sample the next token (same key chain as ``generate``)."""
     logits, cache = extend(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=fresh,
                            all_logits=False, moba_dense=moba_dense, impl=impl, dtype=dtype)
     rng, key = jax.random.split(rng)

@@ -24,11 +24,9 @@ from spb2_jax.ops import dispatch
 MOBA_DECODE = ("exact", "dense")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fresh", "all_logits", "moba_dense", "rope_offset",
-                                             "impl", "dtype"))
-def extend(params: Any, input_ids: jax.Array, valid: jax.Array, cache: Cache, *, config: SpB2Config,
-           fresh: bool, all_logits: bool, moba_dense: bool = False, rope_offset: int = 0,
-           impl: str = dispatch.DEFAULT_IMPL, dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
+def _extend(params: Any, input_ids: jax.Array, valid: jax.Array, cache: Cache, *, config: SpB2Config,
+            fresh: bool, all_logits: bool, moba_dense: bool = False, rope_offset: int = 0,
+            impl: str = dispatch.DEFAULT_IMPL, dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
     """Add ``input_ids [B, T]`` (real where ``valid``) to ``cache``; jit-compiled, no host checks.
 
     ``fresh`` must be True only when every row of the cache is empty. See ``CacheStep`` for the other flags.
@@ -39,6 +37,13 @@ def extend(params: Any, input_ids: jax.Array, valid: jax.Array, cache: Cache, *,
                                  method=SpB2ForCausalLM.extend)
     length = cache.length + step.valid.sum(axis=1, dtype=jnp.int32)
     return logits, Cache(layers=layers, length=length, max_len=cache.max_len)
+
+
+_STATIC = ("config", "fresh", "all_logits", "moba_dense", "rope_offset", "impl", "dtype")
+extend = jax.jit(_extend, static_argnames=_STATIC)
+# The same, updating the cache's buffers in place: the cache passed in is consumed (its arrays are deleted).
+# Without donation every call copies the whole cache (O(max_len) per decoded token).
+extend_in_place = jax.jit(_extend, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
 def _check_ids(input_ids: Any, cache: Cache, what: str) -> jax.Array:
@@ -68,7 +73,7 @@ def check_attention_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndar
 
 
 def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, attention_mask: Any = None, *,
-            all_logits: bool = False, impl: str = dispatch.DEFAULT_IMPL,
+            all_logits: bool = False, donate_cache: bool = False, impl: str = dispatch.DEFAULT_IMPL,
             dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
     """Add a prompt, or the next piece of one, to ``cache``.
 
@@ -79,6 +84,8 @@ def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, atten
       cache: from ``init_cache`` or a previous ``prefill`` / ``decode_step``.
       all_logits: return ``[B, T, V]`` logits of every token; default ``[B, 1, V]`` of each row's last real token
         of this piece (all a sampler needs; avoids a ``T x vocab`` array for long prompts).
+      donate_cache: update the cache's buffers in place; the ``cache`` passed in is consumed (its arrays are
+        deleted). Default False: a new cache is returned and the old one stays usable (costs a copy of the cache).
       impl, dtype: token-mixer implementation (``spb2_jax.ops.dispatch``) and compute dtype.
     Returns:
       ``(logits, cache)``. Raises ``ValueError`` when a row would exceed the cache's ``max_len``.
@@ -91,12 +98,13 @@ def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, atten
         rows = np.nonzero(new_length > cache.max_len)[0].tolist()
         raise ValueError(f"rows {rows} would hold {new_length[rows].tolist()} tokens, more than the cache's "
                          f"max_len={cache.max_len}; make the cache with a larger max_len")
-    return extend(params, ids, jnp.asarray(valid), cache, config=config, fresh=bool((length == 0).all()),
-                  all_logits=all_logits, impl=impl, dtype=dtype)
+    fn = extend_in_place if donate_cache else extend
+    return fn(params, ids, jnp.asarray(valid), cache, config=config, fresh=bool((length == 0).all()),
+              all_logits=all_logits, impl=impl, dtype=dtype)
 
 
 def decode_step(params: Any, config: SpB2Config, token_ids: Any, cache: Cache, *, moba_decode: str = "exact",
-                official_rope_offset: bool = False, impl: str = dispatch.DEFAULT_IMPL,
+                official_rope_offset: bool = False, donate_cache: bool = False, impl: str = dispatch.DEFAULT_IMPL,
                 dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
     """Add one token per row, ``token_ids [B, 1]``; returns ``(logits [B, 1, V], cache)``.
 
@@ -108,11 +116,15 @@ def decode_step(params: Any, config: SpB2Config, token_ids: Any, cache: Cache, *
         cached path: MoBA layers attend to the whole cache).
       official_rope_offset: reproduce the official cache's RoPE quirk (layers >= 1 rotate the new token at
         position + 1). With ``moba_decode="dense"`` this is the official cached decode.
+      donate_cache: update the cache in place (the ``cache`` passed in is consumed). Without it each step copies
+        the whole cache, ``O(max_len)`` per token; in a decode loop write
+        ``logits, cache = decode_step(..., cache, donate_cache=True)``.
     """
     if moba_decode not in MOBA_DECODE:
         raise ValueError(f"moba_decode={moba_decode!r} must be one of {MOBA_DECODE}")
     ids = _check_ids(token_ids, cache, "token_ids")
     if ids.shape[1] != 1:
         raise ValueError(f"decode_step takes one token per row, token_ids shape {ids.shape}; use prefill for more")
-    return extend(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=False, all_logits=True,
-                  moba_dense=moba_decode == "dense", rope_offset=int(official_rope_offset), impl=impl, dtype=dtype)
+    fn = extend_in_place if donate_cache else extend
+    return fn(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=False, all_logits=True,
+              moba_dense=moba_decode == "dense", rope_offset=int(official_rope_offset), impl=impl, dtype=dtype)

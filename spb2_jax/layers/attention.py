@@ -15,7 +15,8 @@ from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.cache import CacheStep, KVCache
 from spb2_jax.layers.common import Dtype, RMSNorm, dense
 from spb2_jax.ops import dispatch
-from spb2_jax.ops.cached_attention import causal_slot_mask, moba_slot_mask, tiled_attention
+from spb2_jax.ops.cached_attention import (causal_slot_mask, moba_gathered_attention, moba_slot_mask,
+                                           tiled_attention)
 from spb2_jax.ops.rope import apply_rope
 
 
@@ -71,12 +72,17 @@ class AttentionMixer(nn.Module):
     def _attend_cache(self, q, cache: KVCache, step: CacheStep):
         """New queries over the whole position-indexed cache (already holding the new keys)."""
         a = self.config.attn
-        S = cache.k.shape[1]
+        S = cache.k.shape[2]
         if self.kind == LayerKind.MOBA and not step.moba_dense:
+            if q.shape[1] == 1 and a.moba_topk * a.moba_chunk_size < S:  # decode: read only the selected blocks
+                return moba_gathered_attention(q, cache.k, cache.v, step.positions, cache.block_sums,
+                                               chunk_size=a.moba_chunk_size, topk=a.moba_topk)
+
             def mask_fn(qt, pt):
                 return moba_slot_mask(qt, pt, cache.block_sums, num_slots=S, chunk_size=a.moba_chunk_size,
                                       topk=a.moba_topk)
         else:
             def mask_fn(qt, pt):
                 return causal_slot_mask(pt, S)
-        return tiled_attention(q, cache.k, cache.v, mask_fn, step.positions)
+        k, v = (rearrange(x, "B K S H -> B S K H") for x in (cache.k, cache.v))
+        return tiled_attention(q, k, v, mask_fn, step.positions)

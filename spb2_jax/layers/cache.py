@@ -1,7 +1,7 @@
 """Decoding caches: static-shape pytrees, one per layer, and the description of the tokens being added.
 
-- ``KVCache`` (full and MoBA layers): post-RoPE keys and values indexed by position, ``[B, S, K, H]`` with
-  ``S = max_len``; MoBA layers also keep float32 per-block key sums ``[B, ceil(S / C), K, H]`` (the block means
+- ``KVCache`` (full and MoBA layers): post-RoPE keys and values indexed by position, ``[B, K, S, H]`` with
+  ``S = max_len`` (kv-head major: a MoBA decode step gathers contiguous ``[C, H]`` runs of one head's keys); MoBA layers also keep float32 per-block key sums ``[B, ceil(S / C), K, H]`` (the block means
   of the gates are ``sum / C`` for the complete earlier blocks).
 - ``SSECache`` (SSE + SWA layers): float32 recurrent states ``[B, 1 + N, H, K, V]`` (shared + one per
   partition) and a ring buffer of the last ``window_size`` SWA keys/values with their positions (-1 = empty).
@@ -59,13 +59,14 @@ class KVCache:
 
     def append(self, k: jax.Array, v: jax.Array, step: CacheStep, chunk_size: int | None = None) -> "KVCache":
         """Write the real tokens' ``k, v [B, T, K, H]`` at their positions (and add them to the block sums)."""
-        S = self.k.shape[1]
+        S = self.k.shape[2]
         slots = step.slots(S)
         sums = self.block_sums
         if sums is not None:
             blocks = jnp.where(step.valid, step.positions // chunk_size, sums.shape[1])
             sums = add_slots(sums, k.astype(sums.dtype), blocks)
-        return KVCache(k=write_slots(self.k, k, slots), v=write_slots(self.v, v, slots), block_sums=sums)
+        return KVCache(k=write_slots(self.k, k, slots, axis=2), v=write_slots(self.v, v, slots, axis=2),
+                       block_sums=sums)
 
 
 @flax.struct.dataclass
@@ -123,14 +124,14 @@ def init_cache(config: SpB2Config, batch_size: int, max_len: int, dtype: Any = j
     layers = []
     for kind in config.layer_kinds:
         if kind in (LayerKind.FULL, LayerKind.MOBA):
-            kv = jnp.zeros((B, max_len, Kh, Dh), dtype)
+            shape = (B, Kh, max_len, Dh)  # k and v must be distinct buffers (both may be donated)
             sums = None
             if kind == LayerKind.MOBA:
                 sums = jnp.zeros((B, -(-max_len // a.moba_chunk_size), Kh, Dh), jnp.float32)
-            layers.append(KVCache(k=kv, v=kv, block_sums=sums))
+            layers.append(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), block_sums=sums))
         else:
             W = window_size(config, max_len)
             state = jnp.zeros((B, 1 + config.num_sparse_partition, config.num_heads, Dh, Dh), jnp.float32)
-            kv = jnp.zeros((B, W, Kh, Dh), dtype)
-            layers.append(SSECache(state=state, k=kv, v=kv, pos=jnp.full((B, W), -1, jnp.int32)))
+            layers.append(SSECache(state=state, k=jnp.zeros((B, W, Kh, Dh), dtype), v=jnp.zeros((B, W, Kh, Dh), dtype),
+                                   pos=jnp.full((B, W), -1, jnp.int32)))
     return Cache(layers=tuple(layers), length=jnp.zeros((B,), jnp.int32), max_len=max_len)
