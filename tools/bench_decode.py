@@ -69,8 +69,7 @@ def time_decode(config: SpB2Config, params, context: int, steps: int, in_place: 
     valid = jnp.ones((1, 1), bool)
     t0 = time.perf_counter()
     fn = decode.extend_in_place if in_place else decode.extend
-    step = fn.lower(params, token, valid, cache, config=config, fresh=False,
-                                                          all_logits=True).compile()
+    step = fn.lower(params, token, valid, cache, config=config, fresh=False, all_logits=True).compile()
     compile_s = time.perf_counter() - t0
     logits, cache = step(params, token, valid, cache)  # warm-up
     logits.block_until_ready()
