@@ -20,7 +20,7 @@ Kernels (GPU style, as jax's ``pallas/ops/gpu/attention.py``: the grid runs over
   ``dK``/``dV`` for one query head; GQA groups are summed in XLA afterwards.
 
 Inputs of dtype bfloat16 use bfloat16 matmul operands (``P`` rounded to the input dtype before ``P V``, as in
-flash attention) with float32 accumulation; float32 inputs stay float32. ``interpret=True`` runs the kernels on
+flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32). ``interpret=True`` runs the kernels on
 CPU (tests); on GPU they lower through Pallas' Triton backend.
 """
 
@@ -67,6 +67,16 @@ def default_interpret() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def compiler_params(interpret: bool, *, num_warps: int = 4, num_stages: int = 2):
+    """``pallas_call`` compiler params: Triton's off TPU (jax >= 0.8 otherwise picks Mosaic GPU on NVIDIA, which
+    these GPU-style kernels are not written for), none in interpret mode or on TPU (Mosaic TPU)."""
+    if interpret or jax.default_backend() == "tpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 # ----------------------------------------------------------------------------------------------- tile lists
 
 def lists_from_need(need: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,21 +96,29 @@ def tile_lists(need: jax.Array):
 # ----------------------------------------------------------------------------------------------- kernels
 
 def _mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
-    """``[tq, tk]`` boolean mask from per-token metadata (see the module docstring)."""
+    """``[tq, tk]`` boolean mask from per-token metadata (see the module docstring); ``q_sel`` is a sequence of
+    ``R`` columns ``[tq]`` (kernels read each column from its ref: Triton cannot slice a loaded array)."""
     mask = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0) & (k_pos[None, :] <= q_pos[:, None])
     if spec.window is not None:
         mask = mask & (q_pos[:, None] - k_pos[None, :] < spec.window)
     if spec.moba:
         member = q_blk[:, None] == k_blk[None, :]
-        for r in range(q_sel.shape[-1]):
-            member = member | (q_sel[:, r][:, None] == k_blk[None, :])
+        for col in q_sel:
+            member = member | (col[:, None] == k_blk[None, :])
         mask = mask & member
     return mask
 
 
+def _columns(sel_ref, rows=slice(None)):
+    """The MoBA selection columns ``sel[rows, r]`` loaded one by one from the ref."""
+    return [sel_ref[rows, r] for r in range(sel_ref.shape[-1])]
+
+
 def _dot(a, b, trans_b=False):
+    """float32-accumulated matmul; float32 operands at full precision (``HIGHEST``: no TF32 on GPU)."""
     dims = (((a.ndim - 1,), (b.ndim - 1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
@@ -108,7 +126,7 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
     i = pl.program_id(2)
     q = q_ref[...]  # [t, D]
     q_pos = i * block + jnp.arange(block, dtype=jnp.int32)
-    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], sel_ref[...]
+    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], _columns(sel_ref)
 
     def visit(c, carry):
         o, m, l = carry
@@ -138,7 +156,7 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos = i * block + jnp.arange(block, dtype=jnp.int32)
-    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], sel_ref[...]
+    q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], _columns(sel_ref)
 
     def visit(c, dq):
         j = lists_ref[c]
@@ -167,7 +185,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         sl = pl.ds(pl.multiple_of(i * block, block), block)
         q, do = q_ref[sl, :], do_ref[sl, :]
         mask = _mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
-                     sel_ref[sl, :], k_pos, k_seg, k_blk)
+                     _columns(sel_ref, sl), k_pos, k_seg, k_blk)
         p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[sl][:, None]), 0.0)  # [t, s]
         dv = dv + _dot(p.T.astype(do.dtype), do)
         ds = p * (_dot(do, v, trans_b=True) - delta_ref[sl][:, None])
@@ -205,6 +223,8 @@ def _specs(B, N, K, T, D, R, M, block):
 def _forward(q, k, v, meta, spec, scale, block, interpret):
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
+    if T % block:  # the grid would drop the tail rows
+        raise ValueError(f"block_sparse_attention needs T % block == 0, got T={T} block={block}; pad with segment 0")
     K = k.shape[2]
     s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
     return pl.pallas_call(
@@ -215,6 +235,7 @@ def _forward(q, k, v, meta, spec, scale, block, interpret):
         out_specs=[s["q_tile"], s["row_tile"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="block_sparse_flash_fwd",
     )(fwd_lists, fwd_count[..., None], q, k, v, seg, seg, blk, blk, sel)
 
@@ -235,6 +256,7 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         out_specs=s["q_tile"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="block_sparse_flash_dq",
     )(fwd_lists, fwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
     per_head = jax.ShapeDtypeStruct((B, T, N, D), jnp.float32)
@@ -247,6 +269,7 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         out_specs=[s["q_tile"], s["q_tile"]],
         out_shape=[per_head, per_head],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="block_sparse_flash_dkv",
     )(bwd_lists, bwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
     fold = lambda x: x.reshape(B, T, K, N // K, D).sum(axis=3).astype(k.dtype)  # noqa: E731  GQA group sum
@@ -285,7 +308,8 @@ def dense_mask(seg: jax.Array, blk: jax.Array, sel: jax.Array, spec: MaskSpec) -
     T = seg.shape[1]
     pos = jnp.arange(T, dtype=jnp.int32)
     return jax.vmap(lambda sg, bk, sl: jax.vmap(
-        lambda s_n: _mask(spec, pos, sg, bk, s_n, pos, sg, bk), in_axes=1)(sl))(seg, blk, sel)
+        lambda s_n: _mask(spec, pos, sg, bk, [s_n[:, r] for r in range(s_n.shape[-1])], pos, sg, bk),
+        in_axes=1)(sl))(seg, blk, sel)
 
 
 def block_sparse_attention_reference(q, k, v, seg, blk, sel, spec: MaskSpec, scale: float):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.block_sparse_flash import compiler_params
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -71,10 +73,11 @@ def _gdn_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, before_ref, h0_r
         u = w_v - _dot(w_k, S)
         o = _dot(gamma[:, None] * q, S) + _dot(decay * _dot(q, k, trans_b=True), u)
         o_ref[sl, :] = o.astype(o_ref.dtype)
-        last = runs == runs[C - 1]
-        G_last = jnp.sum(jnp.where(jnp.arange(C) == C - 1, G, 0.0))
-        tail = jnp.where(last, jnp.exp(G_last - G), 0.0)
-        keep = jnp.where(runs[C - 1] == before_ref[c], jnp.exp(G_last), 0.0)
+        at_end = jnp.arange(C) == C - 1  # element C-1 by a masked sum: Triton cannot index a loaded array
+        run_last = jnp.sum(jnp.where(at_end, runs, 0))
+        G_last = jnp.sum(jnp.where(at_end, G, 0.0))
+        tail = jnp.where(runs == run_last, jnp.exp(G_last - G), 0.0)
+        keep = jnp.where(run_last == before_ref[c], jnp.exp(G_last), 0.0)
         return keep * S + _dot(tail[:, None] * k, u, trans_a=True)
 
     ht_ref[...] = jax.lax.fori_loop(0, n_chunks, step, h0_ref[...].astype(jnp.float32))
@@ -110,5 +113,6 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
         out_specs=[seq(V), state],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="chunk_gated_delta_rule_fwd",
     )(q, k, v, g, beta, runs, run_before, initial_state)

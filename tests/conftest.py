@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# The suite compiles hundreds of small XLA programs on a 2-core CI machine, where compile time dominates. LLVM -O0
+# for XLA:CPU's generated code compiles them ~30% faster (measured on the generation tests) and leaves the HLO, and
+# so the computation, unchanged. Only the test process and its subprocesses are affected, never the package.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPB2_SHARED", REPO.parent / "shared"))
 OFFICIAL = SHARED / "fixtures" / "official"

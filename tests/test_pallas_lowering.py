@@ -1,0 +1,71 @@
+"""The Pallas kernels lower for CUDA through Triton (checked on CPU: lowering needs no GPU). Interpret mode, which
+the numeric tests use, accepts array operations that Triton cannot lower; this catches them without a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.gated_delta_rule import gated_delta_rule_fwd
+from pallas_kernels.moba import moba_flash_attention
+from pallas_kernels.sliding_window import sliding_window_flash_attention
+
+B, T, N, K, D = 1, 200, 4, 2, 64  # T not a multiple of the tile, GQA 2:1
+
+
+def _lower_for_cuda(fn, *args) -> str:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text  # Triton, not Mosaic GPU
+    return text
+
+
+def _qkv(dtype):
+    ks = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(ks[0], (B, T, N, D), dtype), jax.random.normal(ks[1], (B, T, K, D), dtype),
+            jax.random.normal(ks[2], (B, T, K, D), dtype))
+
+
+def _with_grad(attend):
+    """Forward and backward kernels: the VJP of sum(o)."""
+    return lambda q, k, v: jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_moba_kernel_lowers_to_triton(dtype):
+    seg = jnp.ones((B, T), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    sel = jnp.full((B, T, N, 3), -1, jnp.int32)  # topk 4: three earlier blocks (padded to 4 columns)
+    attend = lambda q, k, v: moba_flash_attention(q, k, v, sel=sel, seg=seg, pos=pos, chunk_size=64,  # noqa: E731
+                                                  interpret=False)
+    _lower_for_cuda(_with_grad(attend), *_qkv(dtype))
+
+
+def test_sliding_window_kernel_lowers_to_triton():
+    seg = jnp.ones((B, T), jnp.int32)
+    attend = lambda q, k, v: sliding_window_flash_attention(q, k, v, window=48, seg=seg,  # noqa: E731
+                                                            interpret=False)
+    _lower_for_cuda(_with_grad(attend), *_qkv(jnp.bfloat16))
+
+
+def test_gated_delta_rule_kernel_lowers_to_triton():
+    H, C, Tc = 2, 64, 256
+    ks = jax.random.split(jax.random.key(1), 3)
+    q, k = (jax.random.normal(x, (B, Tc, H, D)) for x in ks[:2])
+    v = jax.random.normal(ks[2], (B, Tc, H, D))
+    g, beta = -jnp.ones((B, Tc, H)) * 0.1, jnp.full((B, Tc, H), 0.5)
+    runs = jnp.zeros((B, Tc), jnp.int32)
+    before = jnp.zeros((B, Tc // C), jnp.int32)
+    S0 = jnp.zeros((B, H, D, D))
+    _lower_for_cuda(lambda *a: gated_delta_rule_fwd(*a, chunk_size=C, interpret=False),
+                    q, k, v, g, beta, runs, before, S0)
+
+
+def test_block_sparse_core_rejects_a_partial_tile():
+    from pallas_kernels.block_sparse_flash import MaskSpec, block_sparse_attention
+
+    q = jnp.zeros((1, 20, 2, 16))
+    meta = (jnp.zeros((1, 2, 2, 2), jnp.int32),) * 4 + (jnp.ones((1, 20), jnp.int32),) * 2 + (
+        jnp.full((1, 20, 2, 1), -1, jnp.int32),)
+    with pytest.raises(ValueError, match="T % block == 0, got T=20 block=16"):
+        block_sparse_attention(q, q, q, meta, MaskSpec(), 0.25, 16, True)
