@@ -241,8 +241,8 @@ GDN_IDS = [f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{c[6]}" for c in GD
 @pytest.mark.parametrize("case", params([(c,) for c in GDN_CASES], GDN_IDS,
                                         lambda i: i.endswith(("varlen", "short"))))
 def test_gated_delta_rule_kernel(case):
-    """Forward output and final state of the kernel vs the XLA chunked path (gradients: the kernel's custom VJP
-    is the XLA path's, checked through ``compare`` as well)."""
+    """Forward output and final state of the kernel vs the XLA chunked path. The gradients ``compare`` also checks
+    are the XLA path's backward by construction (custom VJP), so they test the VJP wiring only, not a kernel."""
     B, T, H, K, V, C, layout, init = case
     q, k, v, g, beta, s0 = gdn_inputs(rng_for("pallas-gdn", case), B, T, H, K, V, 1.0, init)
     seg = jnp.asarray(seg_ids(B, T, layout))
