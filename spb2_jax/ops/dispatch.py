@@ -6,7 +6,7 @@
 - ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (block-sparse flash attention for full causal,
   sliding-window and MoBA attention, forward and backward; the chunked gated-delta-rule forward, differentiated
   through the XLA path). Triton lowering on GPU, ``interpret=True`` on CPU. GLA has no kernel and uses the XLA
-  chunked path.
+  chunked path; the GDN kernel is float32-only, so float64 inputs (``jax_enable_x64`` tests) take the XLA path.
 - ``"reference"``: per-token ``lax.scan`` recurrences and dense ``[T, T]`` masks; the readable ground truth
   that the fast paths are tested against.
 """
