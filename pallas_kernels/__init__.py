@@ -1,8 +1,12 @@
-"""Pallas kernels (GPU via Triton lowering; CPU with ``interpret=True`` for tests). Depends only on jax.
+"""Pallas kernels: GPU-style (Triton lowering) and TPU-style (Mosaic TPU) twins, picked by backend
+(``platform``); CPU runs either with ``interpret=True`` (tests). Depends only on jax and einops.
 
-- ``block_sparse_flash``: the shared block-sparse flash-attention core (forward, dQ, dK/dV kernels).
+- ``platform``: targets (``"triton"``, ``"mosaic_tpu"``), interpret default, compiler parameters.
+- ``block_sparse_flash``: the shared block-sparse flash-attention core (forward, dQ, dK/dV kernels), GPU style;
+  ``block_sparse_flash_tpu``: its TPU-style twin (scalar-prefetched tile lists drive the grid).
 - ``moba``: MoBA attention on that core (per-token selected blocks, tile lists from the selection).
 - ``sliding_window``: sliding-window attention on that core (a band of key tiles per query tile).
+- ``gated_delta_rule`` / ``gated_delta_rule_tpu``: the chunked gated-delta-rule forward (GPU / TPU style).
 """
 
 from pallas_kernels.moba import moba_flash_attention

@@ -20,8 +20,9 @@ Kernels (GPU style, as jax's ``pallas/ops/gpu/attention.py``: the grid runs over
   ``dK``/``dV`` for one query head; GQA groups are summed in XLA afterwards.
 
 Inputs of dtype bfloat16 use bfloat16 matmul operands (``P`` rounded to the input dtype before ``P V``, as in
-flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32). ``interpret=True`` runs the kernels on
-CPU (tests); on GPU they lower through Pallas' Triton backend.
+flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32).
+``interpret=True`` runs the kernels on CPU (tests); on GPU they lower through Pallas' Triton backend. On TPU
+``block_sparse_attention`` runs the TPU-style twins of ``block_sparse_flash_tpu`` instead (``target``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from pallas_kernels.platform import resolve_target, triton_params
 
 _MASKED = -1e30
 
@@ -62,21 +65,6 @@ class MaskSpec:
     moba: bool = False
 
 
-def default_interpret() -> bool:
-    """Kernels run in interpret mode on CPU (the only backend without a Pallas lowering for them)."""
-    return jax.default_backend() == "cpu"
-
-
-def compiler_params(interpret: bool, *, num_warps: int = 4, num_stages: int = 2):
-    """``pallas_call`` compiler params: Triton's off TPU (jax >= 0.8 otherwise picks Mosaic GPU on NVIDIA, which
-    these GPU-style kernels are not written for), none in interpret mode or on TPU (Mosaic TPU)."""
-    if interpret or jax.default_backend() == "tpu":
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 # ----------------------------------------------------------------------------------------------- tile lists
 
 def lists_from_need(need: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,18 +83,27 @@ def tile_lists(need: jax.Array):
 
 # ----------------------------------------------------------------------------------------------- kernels
 
-def _mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
-    """``[tq, tk]`` boolean mask from per-token metadata (see the module docstring); ``q_sel`` is a sequence of
-    ``R`` columns ``[tq]`` (kernels read each column from its ref: Triton cannot slice a loaded array)."""
-    mask = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0) & (k_pos[None, :] <= q_pos[:, None])
+def _mask(spec, rel, q_seg, k_seg, q_blk, k_blk, q_sel):
+    """``[tq, tk]`` boolean mask (see the module docstring) from broadcastable per-token metadata: ``rel`` = query
+    position - key position ``[tq, tk]``; ``q_*`` columns ``[tq, 1]``, ``k_*`` rows ``[1, tk]``; ``q_sel`` a
+    sequence of ``R`` selection columns ``[tq, 1]`` (shared by the GPU- and TPU-style kernels)."""
+    mask = (q_seg == k_seg) & (q_seg != 0) & (rel >= 0)
     if spec.window is not None:
-        mask = mask & (q_pos[:, None] - k_pos[None, :] < spec.window)
+        mask = mask & (rel < spec.window)
     if spec.moba:
-        member = q_blk[:, None] == k_blk[None, :]
+        member = q_blk == k_blk
         for col in q_sel:
-            member = member | (col[:, None] == k_blk[None, :])
+            member = member | (col == k_blk)
         mask = mask & member
     return mask
+
+
+def _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
+    """``_mask`` from the 1-D per-token vectors the GPU-style kernels load (``q_sel``: columns ``[tq]`` read one
+    by one from the ref: Triton cannot slice a loaded array)."""
+    col, row = (lambda x: x[:, None]), (lambda x: x[None, :])  # noqa: E731
+    return _mask(spec, col(q_pos) - row(k_pos), col(q_seg), row(k_seg), col(q_blk), row(k_blk),
+                 [col(c) for c in q_sel])
 
 
 def _columns(sel_ref, rows=slice(None)):
@@ -133,7 +130,7 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
         j = lists_ref[c]
         sl = pl.ds(pl.multiple_of(j * block, block), block)
         k, v = k_ref[sl, :], v_ref[sl, :]
-        mask = _mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
+        mask = _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
                      kseg_ref[sl], kblk_ref[sl])
         s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _MASKED)  # [t, s] float32
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -162,7 +159,7 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         j = lists_ref[c]
         sl = pl.ds(pl.multiple_of(j * block, block), block)
         k, v = k_ref[sl, :], v_ref[sl, :]
-        mask = _mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
+        mask = _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
                      kseg_ref[sl], kblk_ref[sl])
         p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
@@ -184,7 +181,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         i = lists_ref[c]
         sl = pl.ds(pl.multiple_of(i * block, block), block)
         q, do = q_ref[sl, :], do_ref[sl, :]
-        mask = _mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
+        mask = _gpu_mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
                      _columns(sel_ref, sl), k_pos, k_seg, k_blk)
         p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[sl][:, None]), 0.0)  # [t, s]
         dv = dv + _dot(p.T.astype(do.dtype), do)
@@ -220,7 +217,11 @@ def _specs(B, N, K, T, D, R, M, block):
     )
 
 
-def _forward(q, k, v, meta, spec, scale, block, interpret):
+def _forward(q, k, v, meta, spec, scale, block, interpret, target):
+    if target == "mosaic_tpu":
+        from pallas_kernels import block_sparse_flash_tpu
+
+        return block_sparse_flash_tpu.forward(q, k, v, meta, spec, scale, block, interpret)
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     if T % block:  # the grid would drop the tail rows
@@ -235,12 +236,16 @@ def _forward(q, k, v, meta, spec, scale, block, interpret):
         out_specs=[s["q_tile"], s["row_tile"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=triton_params(interpret),
         name="block_sparse_flash_fwd",
     )(fwd_lists, fwd_count[..., None], q, k, v, seg, seg, blk, blk, sel)
 
 
-def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
+def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
+    if target == "mosaic_tpu":
+        from pallas_kernels import block_sparse_flash_tpu
+
+        return block_sparse_flash_tpu.backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret)
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
@@ -256,7 +261,7 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         out_specs=s["q_tile"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=triton_params(interpret),
         name="block_sparse_flash_dq",
     )(fwd_lists, fwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
     per_head = jax.ShapeDtypeStruct((B, T, N, D), jnp.float32)
@@ -269,34 +274,37 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         out_specs=[s["q_tile"], s["q_tile"]],
         out_shape=[per_head, per_head],
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=triton_params(interpret),
         name="block_sparse_flash_dkv",
     )(bwd_lists, bwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
     fold = lambda x: x.reshape(B, T, K, N // K, D).sum(axis=3).astype(k.dtype)  # noqa: E731  GQA group sum
     return dq, fold(dk), fold(dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, interpret: bool,
+                           target: str = "triton"):
     """Attention of ``q [B, T, N, D]`` over ``k, v [B, T, K, D]`` restricted to listed tiles and masked per token.
 
     ``T`` must be a multiple of ``block`` (callers pad with segment 0). ``meta`` = (fwd_lists ``[B, N, nT, M]``,
     fwd_count ``[B, N, nT]``, bwd_lists ``[B, N, nT, M']``, bwd_count (the transposed lists: query tiles per key
     tile), seg ``[B, T]``, blk ``[B, T]``,
     sel ``[B, T, N, R]``), all int32, from ``tile_lists`` and the caller's per-token metadata.
+    ``target``: ``"triton"`` (the GPU-style kernels of this module) or ``"mosaic_tpu"`` (their TPU-style twins in
+    ``block_sparse_flash_tpu``); see ``platform``.
     Returns ``o [B, T, N, D]`` in ``q.dtype`` (padding rows 0).
     """
-    return _forward(q, k, v, meta, spec, scale, block, interpret)[0]
+    return _forward(q, k, v, meta, spec, scale, block, interpret, resolve_target(target))[0]
 
 
-def _vjp_fwd(q, k, v, meta, spec, scale, block, interpret):
-    o, lse = _forward(q, k, v, meta, spec, scale, block, interpret)
+def _vjp_fwd(q, k, v, meta, spec, scale, block, interpret, target):
+    o, lse = _forward(q, k, v, meta, spec, scale, block, interpret, resolve_target(target))
     return o, (q, k, v, o, lse, meta)
 
 
-def _vjp_bwd(spec, scale, block, interpret, res, do):
+def _vjp_bwd(spec, scale, block, interpret, target, res, do):
     q, k, v, o, lse, meta = res
-    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret)
+    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, resolve_target(target))
     return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, meta)
 
 
@@ -308,7 +316,7 @@ def dense_mask(seg: jax.Array, blk: jax.Array, sel: jax.Array, spec: MaskSpec) -
     T = seg.shape[1]
     pos = jnp.arange(T, dtype=jnp.int32)
     return jax.vmap(lambda sg, bk, sl: jax.vmap(
-        lambda s_n: _mask(spec, pos, sg, bk, [s_n[:, r] for r in range(s_n.shape[-1])], pos, sg, bk),
+        lambda s_n: _gpu_mask(spec, pos, sg, bk, [s_n[:, r] for r in range(s_n.shape[-1])], pos, sg, bk),
         in_axes=1)(sl))(seg, blk, sel)
 
 

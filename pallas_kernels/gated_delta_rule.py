@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sparse_flash import compiler_params
+from pallas_kernels.gated_delta_rule_tpu import gated_delta_rule_fwd_tpu
+from pallas_kernels.platform import resolve_target, triton_params
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -84,7 +85,7 @@ def _gdn_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, before_ref, h0_r
 
 
 def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, chunk_size: int,
-                         interpret: bool = False):
+                         interpret: bool = False, target: str | None = None):
     """Forward of the chunked gated delta rule on prepared inputs.
 
     Args:
@@ -93,6 +94,8 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
       runs: ``[B, T]`` int32 state-run id of every token; run_before: ``[B, T // C]`` run owning each chunk's
         incoming state (``spb2_jax.ops.segments.chunk_runs`` laid out as ``[B, ...]``).
       initial_state: ``[B, H, K, V]`` float32.
+      chunk_size: C. interpret: run on CPU. target: ``"triton"`` (this module's kernel, GPU style) or
+        ``"mosaic_tpu"`` (``gated_delta_rule_tpu``); default by backend (``platform.default_target``).
     Returns:
       ``o [B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
     """
@@ -101,6 +104,9 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
     C = chunk_size
     if T % C:
         raise ValueError(f"{T=} must be a multiple of {chunk_size=}")
+    if resolve_target(target) == "mosaic_tpu":
+        return gated_delta_rule_fwd_tpu(q, k, v, g, beta, runs, run_before, initial_state, chunk_size=C,
+                                        interpret=interpret)
     n = T // C
     seq = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h: (b, 0, h, 0))  # noqa: E731
     gate = pl.BlockSpec((None, T, None), lambda b, h: (b, 0, h))
@@ -113,6 +119,6 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
         out_specs=[seq(V), state],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=triton_params(interpret),
         name="chunk_gated_delta_rule_fwd",
     )(q, k, v, g, beta, runs, run_before, initial_state)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_flash import (BlockSizes, MaskSpec, block_sparse_attention, default_interpret,
-                                               tile_lists)
+from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention, tile_lists
+from pallas_kernels.platform import default_interpret, resolve_target
 
 
 def _pad_time(x: jax.Array, size: int, value=0) -> jax.Array:
@@ -63,6 +63,7 @@ def moba_flash_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    target: str | None = None,
 ) -> jax.Array:
     """MoBA attention with the Pallas block-sparse kernel (forward and backward).
 
@@ -73,6 +74,7 @@ def moba_flash_attention(
       pos: ``[B, T]`` int32 position of every token inside its segment.
       chunk_size: MoBA block size C. scale: default ``D ** -0.5``.
       block_sizes: kernel tile (default ``BlockSizes.get_default(T)``). interpret: default True on CPU.
+      target: ``"triton"`` or ``"mosaic_tpu"`` kernels (default by backend, ``pallas_kernels.platform``).
     Returns:
       ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
     """
@@ -93,5 +95,6 @@ def moba_flash_attention(
     meta = moba_tile_lists(jax.lax.stop_gradient(sel), seg, pos, chunk_size, block) + (seg, pos // chunk_size, sel)
     scale = D ** -0.5 if scale is None else scale
     interpret = default_interpret() if interpret is None else interpret
-    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret)
+    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret,
+                               resolve_target(target))
     return o[:, :T]

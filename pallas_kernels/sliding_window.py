@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention, default_interpret
+from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention
+from pallas_kernels.platform import default_interpret, resolve_target
 
 
 def band_lists(B: int, N: int, nT: int, n_prev: int):
@@ -24,7 +25,7 @@ def band_lists(B: int, N: int, nT: int, n_prev: int):
     return full(fwd), full(fwd_count), full(bwd), full(bwd_count)
 
 
-def _attend(q, k, v, seg, window, scale, block_sizes, interpret):
+def _attend(q, k, v, seg, window, scale, block_sizes, interpret, target):
     B, T, N, D = q.shape
     K = k.shape[2]
     if N % K or k.shape != (B, T, K, D) or v.shape != k.shape:
@@ -41,26 +42,30 @@ def _attend(q, k, v, seg, window, scale, block_sizes, interpret):
     meta = band_lists(B, N, nT, n_prev) + (seg, zeros, jnp.full((B, Tp, N, 1), -1, jnp.int32))
     scale = D ** -0.5 if scale is None else scale
     interpret = default_interpret() if interpret is None else interpret
-    o = block_sparse_attention(q, k, v, meta, MaskSpec(window=window), float(scale), block, interpret)
+    o = block_sparse_attention(q, k, v, meta, MaskSpec(window=window), float(scale), block, interpret,
+                               resolve_target(target))
     return o[:, :T]
 
 
 def sliding_window_flash_attention(q, k, v, *, window: int, seg: jax.Array, scale: float | None = None,
-                                   block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                                   block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                                   target: str | None = None):
     """Causal sliding-window GQA attention (query t sees keys s with ``t - window < s <= t`` in its segment).
 
     Args:
       q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]``; window: W > 0; seg: ``[B, T]`` segment labels (0 = padding).
-      scale: default ``D ** -0.5``; block_sizes: kernel tile; interpret: default True on CPU.
+      scale: default ``D ** -0.5``; block_sizes: kernel tile; interpret: default True on CPU;
+      target: ``"triton"`` or ``"mosaic_tpu"`` kernels (default by backend, ``pallas_kernels.platform``).
     Returns:
       ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
     """
     if window <= 0:
         raise ValueError(f"{window=} must be positive")
-    return _attend(q, k, v, seg, window, scale, block_sizes, interpret)
+    return _attend(q, k, v, seg, window, scale, block_sizes, interpret, target)
 
 
 def causal_flash_attention(q, k, v, *, seg: jax.Array, scale: float | None = None,
-                           block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                           block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                           target: str | None = None):
     """Causal GQA attention inside segments (every key tile at or before the query tile)."""
-    return _attend(q, k, v, seg, None, scale, block_sizes, interpret)
+    return _attend(q, k, v, seg, None, scale, block_sizes, interpret, target)

@@ -1,5 +1,7 @@
-"""The Pallas kernels lower for CUDA through Triton (checked on CPU: lowering needs no GPU). Interpret mode, which
-the numeric tests use, accepts array operations that Triton cannot lower; this catches them without a GPU."""
+"""The Pallas kernels lower for CUDA through Triton and for TPU through Mosaic (checked on CPU: lowering needs
+neither device). Interpret mode, which the numeric tests use, accepts array operations and block shapes that the
+real lowerings reject; this catches them without the hardware. What it cannot check: the device compilers behind
+the lowering (ptxas / Triton passes, libtpu's Mosaic passes) and run time."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule_fwd
 from pallas_kernels.moba import moba_flash_attention
 from pallas_kernels.sliding_window import sliding_window_flash_attention
@@ -24,6 +27,12 @@ def _qkv(dtype):
     ks = jax.random.split(jax.random.key(0), 3)
     return (jax.random.normal(ks[0], (B, T, N, D), dtype), jax.random.normal(ks[1], (B, T, K, D), dtype),
             jax.random.normal(ks[2], (B, T, K, D), dtype))
+
+
+def _lower_for_tpu(fn, *args) -> str:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text  # a Mosaic kernel
+    return text
 
 
 def _with_grad(attend):
@@ -68,4 +77,52 @@ def test_block_sparse_core_rejects_a_partial_tile():
     meta = (jnp.zeros((1, 2, 2, 2), jnp.int32),) * 4 + (jnp.ones((1, 20), jnp.int32),) * 2 + (
         jnp.full((1, 20, 2, 1), -1, jnp.int32),)
     with pytest.raises(ValueError, match="T % block == 0, got T=20 block=16"):
-        block_sparse_attention(q, q, q, meta, MaskSpec(), 0.25, 16, True)
+        block_sparse_attention(q, q, q, meta, MaskSpec(), 0.25, 16, True, "triton")
+
+
+# ----------------------------------------------------------------------------------------------- Mosaic TPU
+TPU_T = 384  # three 128-token tiles
+
+
+def _tpu_qkv(dtype):
+    ks = jax.random.split(jax.random.key(2), 3)
+    return (jax.random.normal(ks[0], (B, TPU_T, N, D), dtype), jax.random.normal(ks[1], (B, TPU_T, K, D), dtype),
+            jax.random.normal(ks[2], (B, TPU_T, K, D), dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_moba_kernel_lowers_to_mosaic_tpu(dtype):
+    seg = jnp.ones((B, TPU_T), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(TPU_T, dtype=jnp.int32), (B, TPU_T))
+    sel = jnp.full((B, TPU_T, N, 3), -1, jnp.int32)
+    attend = lambda q, k, v: moba_flash_attention(q, k, v, sel=sel, seg=seg, pos=pos, chunk_size=128,  # noqa: E731
+                                                  interpret=False, target="mosaic_tpu")
+    text = _lower_for_tpu(_with_grad(attend), *_tpu_qkv(dtype))
+    assert text.count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
+
+
+def test_sliding_window_kernel_lowers_to_mosaic_tpu():
+    seg = jnp.ones((B, TPU_T), jnp.int32)
+    attend = lambda q, k, v: sliding_window_flash_attention(q, k, v, window=128, seg=seg,  # noqa: E731
+                                                            interpret=False, target="mosaic_tpu")
+    _lower_for_tpu(_with_grad(attend), *_tpu_qkv(jnp.bfloat16))
+
+
+def test_gated_delta_rule_kernel_lowers_to_mosaic_tpu():
+    H, C, Tc, Dk = 2, 64, 256, 128
+    ks = jax.random.split(jax.random.key(3), 3)
+    q, k = (jax.random.normal(x, (B, Tc, H, Dk)) for x in ks[:2])
+    v = jax.random.normal(ks[2], (B, Tc, H, Dk))
+    g, beta = -jnp.ones((B, Tc, H)) * 0.1, jnp.full((B, Tc, H), 0.5)
+    _lower_for_tpu(lambda *a: gated_delta_rule_fwd(*a, chunk_size=C, interpret=False, target="mosaic_tpu"),
+                   q, k, v, g, beta, jnp.zeros((B, Tc), jnp.int32), jnp.zeros((B, Tc // C), jnp.int32),
+                   jnp.zeros((B, H, Dk, Dk)))
+
+
+def test_tpu_kernels_reject_a_tile_mosaic_cannot_block():
+    """Key-side metadata rows ``[1, block]`` need ``block % 128 == 0`` (or the whole sequence) on TPU."""
+    seg = jnp.ones((B, TPU_T), jnp.int32)
+    q, k, v = _tpu_qkv(jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 128 or the whole sequence, got block=64"):
+        sliding_window_flash_attention(q, k, v, window=8, seg=seg, block_sizes=BlockSizes(64), interpret=False,
+                                       target="mosaic_tpu")

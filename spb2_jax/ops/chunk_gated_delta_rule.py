@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from pallas_kernels.block_sparse_flash import default_interpret
+from pallas_kernels.platform import default_interpret
 from pallas_kernels.gated_delta_rule import gated_delta_rule_fwd
 from spb2_jax.ops.chunking import chunk_groups, from_groups
 from spb2_jax.ops.dtypes import acc_dtype

@@ -5,7 +5,8 @@
   attention, blockwise MoBA and tiled full causal attention; time and memory linear in T (attention memory).
 - ``"pallas"``: the Pallas kernels of ``pallas_kernels`` (block-sparse flash attention for full causal,
   sliding-window and MoBA attention, forward and backward; the chunked gated-delta-rule forward, differentiated
-  through the XLA path). Triton lowering on GPU, ``interpret=True`` on CPU. GLA has no kernel and uses the XLA
+  through the XLA path). GPU-style kernels lowered through Triton on GPU, TPU-style twins through Mosaic on TPU
+  (``pallas_kernels.platform``), ``interpret=True`` on CPU. GLA has no kernel and uses the XLA
   chunked path; the GDN kernel is float32-only, so float64 inputs (``jax_enable_x64`` tests) take the XLA path.
 - ``"reference"``: per-token ``lax.scan`` recurrences and dense ``[T, T]`` masks; the readable ground truth
   that the fast paths are tested against.

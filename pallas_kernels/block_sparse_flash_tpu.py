@@ -1,0 +1,230 @@
+"""Block-sparse flash attention, TPU style (Mosaic TPU): the TPU twins of the three kernels of
+``block_sparse_flash`` (same ``meta``, same mask, same results).
+
+The grid is (batch row, query head, own tile, list entry). The tile lists and their counts are scalar-prefetched
+into SMEM, and the BlockSpec index maps read them, so the pipeline copies exactly the listed K/V tiles (forward,
+dQ) or Q/dO tiles (dK/dV) into VMEM, one per step; steps past a tile's count re-use the last listed index (no
+copy) and skip the compute. Online-softmax statistics and gradient accumulators live in float32 VMEM scratch
+across the last ("arbitrary") grid dimension and are written out at its last step.
+
+Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, D]``), per-token metadata of the tile's own
+side as columns ``[B, T, 1]`` and of the listed side as rows ``[B, 1, T]``, statistics as ``[B, N, T, 1]``; a
+tile must be a multiple of 128 tokens or the whole (padded) sequence. SMEM holds the whole lists: ``B N nT M``
+int32 (MoBA lists can be ``nT`` long: at 32k tokens and 32 heads with 128-token tiles that is 8 MiB; use longer
+tiles or the XLA path beyond what the chip's SMEM holds).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.block_sparse_flash import _MASKED, _dot, _mask
+from pallas_kernels.platform import tpu_params
+
+_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _tile_mask(spec, q_tile, k_tile, block, q_seg, k_seg, q_blk, k_blk, sel_ref):
+    """Mask of query tile ``q_tile`` against key tile ``k_tile`` from column / row metadata (refs' values)."""
+    row = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
+    rel = (q_tile - k_tile) * block + row - col
+    cols = [sel_ref[:, pl.ds(r, 1)] for r in range(sel_ref.shape[-1])]
+    return _mask(spec, rel, q_seg, k_seg, q_blk, k_blk, cols)
+
+
+def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
+                o_ref, lse_ref, acc_ref, m_ref, l_ref, *, spec, scale, block):
+    b, n, i, c = (pl.program_id(a) for a in range(4))
+
+    @pl.when(c == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+    @pl.when(c < count_ref[b, n, i])
+    def _():
+        v = v_ref[...]
+        mask = _tile_mask(spec, i, lists_ref[b, n, i, c], block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
+                          kblk_ref[...], sel_ref)
+        s = jnp.where(mask, _dot(q_ref[...], k_ref[...], trans_b=True) * scale, _MASKED)  # [t, s]
+        m = m_ref[...]
+        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        corr = jnp.exp(m - m_new)
+        acc_ref[...] = acc_ref[...] * corr + _dot(p.astype(v.dtype), v)
+        l_ref[...] = l_ref[...] * corr + p.sum(axis=1, keepdims=True)
+        m_ref[...] = m_new
+
+    @pl.when(c == pl.num_programs(3) - 1)
+    def _():
+        l = l_ref[...]
+        empty = l == 0.0  # padding tokens and tokens with no visible key
+        safe = jnp.where(empty, 1.0, l)
+        o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, 0.0, m_ref[...] + jnp.log(safe))
+
+
+def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+               qblk_ref, kblk_ref, sel_ref, dq_ref, acc_ref, *, spec, scale, block):
+    b, n, i, c = (pl.program_id(a) for a in range(4))
+
+    @pl.when(c == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(c < count_ref[b, n, i])
+    def _():
+        k = k_ref[...]
+        mask = _tile_mask(spec, i, lists_ref[b, n, i, c], block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
+                          kblk_ref[...], sel_ref)
+        p = jnp.where(mask, jnp.exp(_dot(q_ref[...], k, trans_b=True) * scale - lse_ref[...]), 0.0)
+        ds = p * (_dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
+        acc_ref[...] += _dot(ds.astype(k.dtype), k)
+
+    @pl.when(c == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, spec, scale, block):
+    b, n, j, c = (pl.program_id(a) for a in range(4))
+
+    @pl.when(c == 0)
+    def _():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    @pl.when(c < count_ref[b, n, j])
+    def _():
+        q, do = q_ref[...], do_ref[...]
+        mask = _tile_mask(spec, lists_ref[b, n, j, c], j, block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
+                          kblk_ref[...], sel_ref)
+        p = jnp.where(mask, jnp.exp(_dot(q, k_ref[...], trans_b=True) * scale - lse_ref[...]), 0.0)  # [t, s]
+        dv_acc[...] += _dot(p.T.astype(do.dtype), do)
+        ds = p * (_dot(do, v_ref[...], trans_b=True) - delta_ref[...])
+        dk_acc[...] += _dot(ds.T.astype(q.dtype), q)
+
+    @pl.when(c == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- pallas calls
+
+def _listed(b, n, i, c, lists, counts):
+    """The list entry of grid step ``c``; past the count, the last listed tile again (the pipeline skips the copy)."""
+    return lists[b, n, i, jnp.minimum(c, jnp.maximum(counts[b, n, i] - 1, 0))]
+
+
+def _specs(N, K, D, R, block):
+    """BlockSpecs on the grid (b, n, own tile, list entry): ``own`` = the tile the program writes, ``listed`` =
+    the tile its list entry names. GQA kv head = n // (N // K)."""
+    G = N // K
+    kv_head = lambda n: jax.lax.div(n, G)  # noqa: E731  (n // G lowers through sign(), which Mosaic ties to a chip)
+    own = lambda b, n, i, c, L, Cn: (b, n, i, 0)  # noqa: E731
+    listed = lambda b, n, i, c, L, Cn: (b, n, _listed(b, n, i, c, L, Cn), 0)  # noqa: E731
+    return dict(
+        head_own=pl.BlockSpec((None, None, block, D), own),
+        head_listed=pl.BlockSpec((None, None, block, D), listed),
+        kv_own=pl.BlockSpec((None, None, block, D), lambda b, n, i, c, L, Cn: (b, kv_head(n), i, 0)),
+        kv_listed=pl.BlockSpec((None, None, block, D),
+                               lambda b, n, i, c, L, Cn: (b, kv_head(n), _listed(b, n, i, c, L, Cn), 0)),
+        stat_own=pl.BlockSpec((None, None, block, 1), own),
+        stat_listed=pl.BlockSpec((None, None, block, 1), listed),
+        col_own=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, i, 0)),
+        col_listed=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, _listed(b, n, i, c, L, Cn), 0)),
+        row_own=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, i)),
+        row_listed=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, _listed(b, n, i, c, L, Cn))),
+        sel_own=pl.BlockSpec((None, None, block, R), own),
+        sel_listed=pl.BlockSpec((None, None, block, R), listed),
+    )
+
+
+def _check_tile(T, block, interpret):
+    if T % block:
+        raise ValueError(f"block_sparse_attention needs T % block == 0, got T={T} block={block}; pad with segment 0")
+    if not interpret and block % 128 and block != T:
+        raise ValueError(f"the TPU kernels need a tile that is a multiple of 128 or the whole sequence, got "
+                         f"block={block} for T={T}")
+
+
+def _layout(q, k, v, seg, blk, sel):
+    heads = lambda x: rearrange(x, "B T N D -> B N T D")  # noqa: E731
+    return (heads(q), heads(k), heads(v), seg[..., None], seg[:, None, :], blk[..., None], blk[:, None, :],
+            heads(sel))
+
+
+def forward(q, k, v, meta, spec, scale, block, interpret):
+    """``(o [B, T, N, D], lse [B, N, T] float32)`` as ``block_sparse_flash._forward``."""
+    fwd_lists, fwd_count, _, _, seg, blk, sel = meta
+    B, T, N, D = q.shape
+    _check_tile(T, block, interpret)
+    s = _specs(N, k.shape[2], D, sel.shape[-1], block)
+    q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(B, N, T // block, fwd_lists.shape[-1]),
+            in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["col_own"], s["row_listed"], s["col_own"],
+                      s["row_listed"], s["sel_own"]],
+            out_specs=[s["head_own"], s["stat_own"]],
+            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, 1), jnp.float32),
+                            pltpu.VMEM((block, 1), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(q_.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)],
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, _SEMANTICS),
+        name="block_sparse_flash_fwd_tpu",
+    )(fwd_lists, fwd_count, q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_)
+    return rearrange(o, "B N T D -> B T N D"), lse[..., 0]
+
+
+def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
+    """``(dq, dk, dv)`` as ``block_sparse_flash._backward`` (dK/dV per query head, GQA groups summed in XLA)."""
+    fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = _specs(N, K, D, sel.shape[-1], block)
+    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
+    lse = lse[..., None]
+    q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
+    do_ = rearrange(do, "B T N D -> B N T D")
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec, scale=scale, block=block),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(B, N, T // block, fwd_lists.shape[-1]),
+            in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["head_own"], s["stat_own"], s["stat_own"],
+                      s["col_own"], s["row_listed"], s["col_own"], s["row_listed"], s["sel_own"]],
+            out_specs=s["head_own"],
+            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q_.shape, q.dtype),
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, _SEMANTICS),
+        name="block_sparse_flash_dq_tpu",
+    )(fwd_lists, fwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
+    per_head = jax.ShapeDtypeStruct((B, N, T, D), jnp.float32)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(B, N, T // block, bwd_lists.shape[-1]),
+            in_specs=[s["head_listed"], s["kv_own"], s["kv_own"], s["head_listed"], s["stat_listed"],
+                      s["stat_listed"], s["col_listed"], s["row_own"], s["col_listed"], s["row_own"],
+                      s["sel_listed"]],
+            out_specs=[s["head_own"], s["head_own"]],
+            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, D), jnp.float32)]),
+        out_shape=[per_head, per_head],
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, _SEMANTICS),
+        name="block_sparse_flash_dkv_tpu",
+    )(bwd_lists, bwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
+    fold = lambda x: rearrange(x, "B (K G) T D -> B T K G D", K=K).sum(axis=3).astype(k.dtype)  # noqa: E731
+    return rearrange(dq, "B N T D -> B T N D"), fold(dk), fold(dv)

@@ -1,0 +1,52 @@
+"""Which lowering a kernel targets and the compiler parameters it needs.
+
+Every kernel here exists in two forms: GPU style (``"triton"``: the grid runs over output tiles and a loop inside
+the kernel walks the work, as jax's ``pallas/ops/gpu`` kernels) and TPU style (``"mosaic_tpu"``: the work list is
+a grid dimension, scalar-prefetched indices pick the blocks the pipeline copies into VMEM, accumulators live in
+VMEM scratch, as jax's ``pallas/ops/tpu`` kernels). ``default_target()`` picks by backend; both run on CPU with
+``interpret=True`` (tests compare them).
+"""
+
+from __future__ import annotations
+
+import jax
+
+TARGETS = ("triton", "mosaic_tpu")
+
+
+def default_interpret() -> bool:
+    """Kernels run in interpret mode on CPU (the only backend without a Pallas lowering for them)."""
+    return jax.default_backend() == "cpu"
+
+
+def default_target() -> str:
+    """``"mosaic_tpu"`` on TPU, else ``"triton"`` (GPU, and the GPU-style kernels in interpret mode on CPU)."""
+    return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+
+
+def resolve_target(target: str | None) -> str:
+    """``target`` checked against ``TARGETS``; None -> ``default_target()``."""
+    target = default_target() if target is None else target
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} must be one of {TARGETS}")
+    return target
+
+
+def triton_params(interpret: bool, *, num_warps: int = 4, num_stages: int = 2):
+    """Triton compiler params (jax >= 0.8 otherwise lowers ``pallas_call`` on NVIDIA through Mosaic GPU, which the
+    GPU-style kernels are not written for); None in interpret mode."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_params(interpret: bool, dimension_semantics: tuple[str, ...]):
+    """Mosaic TPU compiler params: which grid dimensions are independent (``"parallel"``: megacore may split them)
+    and which carry an accumulator from step to step (``"arbitrary"``); None in interpret mode."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
