@@ -16,8 +16,8 @@ Kernels (GPU style, as jax's ``pallas/ops/gpu/attention.py``: the grid runs over
 
 - ``_fwd_kernel``: online softmax with float32 statistics, writes ``o`` and the log-sum-exp ``lse``.
 - ``_dq_kernel``: same walk, ``dq = sum_j dS_ij K_j`` with ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)``.
-- ``_dkv_kernel``: per key tile, walks the *transposed* lists (query tiles that visit it) and accumulates
-  ``dK``/``dV`` for one query head; GQA groups are summed in XLA afterwards.
+- ``_dkv_kernel``: per (kv head, key tile), walks the *transposed* lists (query tiles that visit it) of each
+  query head of the GQA group in turn and accumulates the group's ``dK``/``dV``.
 
 Inputs of dtype bfloat16 use bfloat16 matmul operands (``P`` rounded to the input dtype before ``P V``, as in
 flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32).
@@ -106,9 +106,9 @@ def _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
                  [col(c) for c in q_sel])
 
 
-def _columns(sel_ref, rows=slice(None)):
-    """The MoBA selection columns ``sel[rows, r]`` loaded one by one from the ref."""
-    return [sel_ref[rows, r] for r in range(sel_ref.shape[-1])]
+def _columns(sel_ref, rows=slice(None), *head):
+    """The MoBA selection columns ``sel[rows, (head,) r]`` loaded one by one from the ref."""
+    return [sel_ref[(rows, *head, r)] for r in range(sel_ref.shape[-1])]
 
 
 def _dot(a, b, trans_b=False):
@@ -171,25 +171,29 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
                 qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, *, spec, scale, block):
+    """One (row, kv head, key tile) program: for each query head g of the GQA group in turn, walk its transposed
+    list (query tiles that visit this key tile); the group's dK/dV accumulate in registers."""
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]  # [s, D]
     k_pos = j * block + jnp.arange(block, dtype=jnp.int32)
     k_seg, k_blk = kseg_ref[...], kblk_ref[...]
-
-    def visit(c, carry):
-        dk, dv = carry
-        i = lists_ref[c]
-        sl = pl.ds(pl.multiple_of(i * block, block), block)
-        q, do = q_ref[sl, :], do_ref[sl, :]
-        mask = _gpu_mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
-                     _columns(sel_ref, sl), k_pos, k_seg, k_blk)
-        p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[sl][:, None]), 0.0)  # [t, s]
-        dv = dv + _dot(p.T.astype(do.dtype), do)
-        ds = p * (_dot(do, v, trans_b=True) - delta_ref[sl][:, None])
-        return dk + _dot(ds.T.astype(q.dtype), q), dv
-
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, count_ref[0], visit, (zeros, zeros))
+    dk, dv = zeros, zeros
+    for g in range(lists_ref.shape[0]):  # static: the group's query heads
+
+        def visit(c, carry, g=g):
+            dk, dv = carry
+            i = lists_ref[g, c]
+            sl = pl.ds(pl.multiple_of(i * block, block), block)
+            q, do = q_ref[sl, g, :], do_ref[sl, g, :]
+            mask = _gpu_mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
+                             _columns(sel_ref, sl, g), k_pos, k_seg, k_blk)
+            p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[g, sl][:, None]), 0.0)  # [t, s]
+            dv = dv + _dot(p.T.astype(do.dtype), do)
+            ds = p * (_dot(do, v, trans_b=True) - delta_ref[g, sl][:, None])
+            return dk + _dot(ds.T.astype(q.dtype), q), dv
+
+        dk, dv = jax.lax.fori_loop(0, count_ref[g, 0], visit, (dk, dv))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -197,7 +201,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 # ----------------------------------------------------------------------------------------------- pallas calls
 
 def _specs(B, N, K, T, D, R, M, block):
-    """BlockSpecs shared by the three kernels; grid = (B, N, T // block), GQA kv head = n // (N // K)."""
+    """BlockSpecs of the forward and dQ kernels; grid = (B, N, T // block), GQA kv head = n // (N // K)."""
     G = N // K
     tile = lambda b, n, i: (b, i, n, 0)  # noqa: E731
     whole_kv = lambda b, n, i: (b, 0, n // G, 0)  # noqa: E731
@@ -205,15 +209,27 @@ def _specs(B, N, K, T, D, R, M, block):
         lists=pl.BlockSpec((None, None, None, M), lambda b, n, i: (b, n, i, 0)),
         count=pl.BlockSpec((None, None, None, 1), lambda b, n, i: (b, n, i, 0)),
         q_tile=pl.BlockSpec((None, block, None, D), tile),
-        q_whole=pl.BlockSpec((None, T, None, D), lambda b, n, i: (b, 0, n, 0)),
-        kv_tile=pl.BlockSpec((None, block, None, D), lambda b, n, i: (b, i, n // G, 0)),
         kv_whole=pl.BlockSpec((None, T, None, D), whole_kv),
         row_tile=pl.BlockSpec((None, None, block), lambda b, n, i: (b, n, i)),
-        row_whole=pl.BlockSpec((None, None, T), lambda b, n, i: (b, n, 0)),
         tok_tile=pl.BlockSpec((None, block), lambda b, n, i: (b, i)),
         tok_whole=pl.BlockSpec((None, T), lambda b, n, i: (b, 0)),
         sel_tile=pl.BlockSpec((None, block, None, R), tile),
-        sel_whole=pl.BlockSpec((None, T, None, R), lambda b, n, i: (b, 0, n, 0)),
+    )
+
+
+def _group_specs(N, K, T, D, R, M, block):
+    """BlockSpecs of the dK/dV kernel: grid = (B, K, T // block), the GQA group's query heads ``kv G .. kv G +
+    G - 1`` as one block of G heads."""
+    G = N // K
+    return dict(
+        lists=pl.BlockSpec((None, G, None, M), lambda b, kv, j: (b, kv, j, 0)),
+        count=pl.BlockSpec((None, G, None, 1), lambda b, kv, j: (b, kv, j, 0)),
+        q_whole=pl.BlockSpec((None, T, G, D), lambda b, kv, j: (b, 0, kv, 0)),
+        kv_tile=pl.BlockSpec((None, block, None, D), lambda b, kv, j: (b, j, kv, 0)),
+        row_whole=pl.BlockSpec((None, G, T), lambda b, kv, j: (b, kv, 0)),
+        tok_tile=pl.BlockSpec((None, block), lambda b, kv, j: (b, j)),
+        tok_whole=pl.BlockSpec((None, T), lambda b, kv, j: (b, 0)),
+        sel_whole=pl.BlockSpec((None, T, G, R), lambda b, kv, j: (b, 0, kv, 0)),
     )
 
 
@@ -250,7 +266,6 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
     B, T, N, D = q.shape
     K = k.shape[2]
     s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
-    sb = _specs(B, N, K, T, D, sel.shape[-1], bwd_lists.shape[-1], block)
     delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
     grid = (B, N, T // block)
     dq = pl.pallas_call(
@@ -264,21 +279,20 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_dq",
     )(fwd_lists, fwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
-    per_head = jax.ShapeDtypeStruct((B, T, N, D), jnp.float32)
+    sg = _group_specs(N, K, T, D, sel.shape[-1], bwd_lists.shape[-1], block)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block),
-        grid=grid,
-        in_specs=[sb["lists"], sb["count"], s["q_whole"], s["kv_tile"], s["kv_tile"], s["q_whole"],
-                  s["row_whole"], s["row_whole"], s["tok_whole"], s["tok_tile"], s["tok_whole"], s["tok_tile"],
-                  s["sel_whole"]],
-        out_specs=[s["q_tile"], s["q_tile"]],
-        out_shape=[per_head, per_head],
+        grid=(B, K, T // block),
+        in_specs=[sg["lists"], sg["count"], sg["q_whole"], sg["kv_tile"], sg["kv_tile"], sg["q_whole"],
+                  sg["row_whole"], sg["row_whole"], sg["tok_whole"], sg["tok_tile"], sg["tok_whole"], sg["tok_tile"],
+                  sg["sel_whole"]],
+        out_specs=[sg["kv_tile"], sg["kv_tile"]],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_dkv",
     )(bwd_lists, bwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
-    fold = lambda x: x.reshape(B, T, K, N // K, D).sum(axis=3).astype(k.dtype)  # noqa: E731  GQA group sum
-    return dq, fold(dk), fold(dv)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))

@@ -1,7 +1,8 @@
 """Block-sparse flash attention, TPU style (Mosaic TPU): the TPU twins of the three kernels of
 ``block_sparse_flash`` (same ``meta``, same mask, same results).
 
-The grid is (batch row, query head, own tile, list entry). The tile lists and their counts are scalar-prefetched
+The grid is (batch row, query head, own tile, list entry) — for dK/dV (batch row, kv head, own key tile, entry
+over the lists of the GQA group's query heads in turn). The tile lists and their counts are scalar-prefetched
 into SMEM, and the BlockSpec index maps read them, so the pipeline copies exactly the listed K/V tiles (forward,
 dQ) or Q/dO tiles (dK/dV) into VMEM, one per step; steps past a tile's count re-use the last listed index (no
 copy) and skip the compute. Online-softmax statistics and gradient accumulators live in float32 VMEM scratch
@@ -95,10 +96,13 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, spec, scale, block):
-    b, n, j, c = (pl.program_id(a) for a in range(4))
+                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, spec, scale, block, group, width):
+    """Grid (b, kv head, key tile j, e): entry ``e`` walks query head ``kv * group + e // width`` of the GQA group,
+    list entry ``e % width``; the group's dK/dV accumulate in VMEM (no per-query-head copies)."""
+    b, kv, j, e = (pl.program_id(a) for a in range(4))
+    n, c = kv * group + jax.lax.div(e, width), jax.lax.rem(e, width)
 
-    @pl.when(c == 0)
+    @pl.when(e == 0)
     def _():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
@@ -113,7 +117,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         ds = p * (_dot(do, v_ref[...], trans_b=True) - delta_ref[...])
         dk_acc[...] += _dot(ds.T.astype(q.dtype), q)
 
-    @pl.when(c == pl.num_programs(3) - 1)
+    @pl.when(e == pl.num_programs(3) - 1)
     def _():
         dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -127,26 +131,46 @@ def _listed(b, n, i, c, lists, counts):
 
 
 def _specs(N, K, D, R, block):
-    """BlockSpecs on the grid (b, n, own tile, list entry): ``own`` = the tile the program writes, ``listed`` =
-    the tile its list entry names. GQA kv head = n // (N // K)."""
+    """BlockSpecs on the forward / dQ grid (b, query head n, query tile i, list entry c): ``own`` = the tile the
+    program writes, ``listed`` = the key tile its list entry names. GQA kv head = n // (N // K)."""
     G = N // K
     kv_head = lambda n: jax.lax.div(n, G)  # noqa: E731  (n // G lowers through sign(), which Mosaic ties to a chip)
     own = lambda b, n, i, c, L, Cn: (b, n, i, 0)  # noqa: E731
-    listed = lambda b, n, i, c, L, Cn: (b, n, _listed(b, n, i, c, L, Cn), 0)  # noqa: E731
     return dict(
         head_own=pl.BlockSpec((None, None, block, D), own),
-        head_listed=pl.BlockSpec((None, None, block, D), listed),
-        kv_own=pl.BlockSpec((None, None, block, D), lambda b, n, i, c, L, Cn: (b, kv_head(n), i, 0)),
         kv_listed=pl.BlockSpec((None, None, block, D),
                                lambda b, n, i, c, L, Cn: (b, kv_head(n), _listed(b, n, i, c, L, Cn), 0)),
         stat_own=pl.BlockSpec((None, None, block, 1), own),
-        stat_listed=pl.BlockSpec((None, None, block, 1), listed),
         col_own=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, i, 0)),
-        col_listed=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, _listed(b, n, i, c, L, Cn), 0)),
-        row_own=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, i)),
         row_listed=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, _listed(b, n, i, c, L, Cn))),
         sel_own=pl.BlockSpec((None, None, block, R), own),
-        sel_listed=pl.BlockSpec((None, None, block, R), listed),
+    )
+
+
+def _dkv_specs(N, K, D, R, block, width):
+    """BlockSpecs on the dK/dV grid (b, kv head, key tile j, e): query head ``kv G + e // width``, its list entry
+    ``e % width`` names the query tile."""
+    G = N // K
+
+    def head_entry(kv, e):
+        return kv * G + jax.lax.div(e, width), jax.lax.rem(e, width)
+
+    def listed(b, kv, j, e, L, Cn):
+        n, c = head_entry(kv, e)
+        return n, _listed(b, n, j, c, L, Cn)
+
+    def head_listed(b, kv, j, e, L, Cn):
+        n, i = listed(b, kv, j, e, L, Cn)
+        return b, n, i, 0
+
+    own = lambda b, kv, j, e, L, Cn: (b, kv, j, 0)  # noqa: E731
+    return dict(
+        head_listed=pl.BlockSpec((None, None, block, D), head_listed),
+        stat_listed=pl.BlockSpec((None, None, block, 1), head_listed),
+        sel_listed=pl.BlockSpec((None, None, block, R), head_listed),
+        kv_own=pl.BlockSpec((None, None, block, D), own),
+        col_listed=pl.BlockSpec((None, block, 1), lambda b, kv, j, e, L, Cn: (b, listed(b, kv, j, e, L, Cn)[1], 0)),
+        row_own=pl.BlockSpec((None, 1, block), lambda b, kv, j, e, L, Cn: (b, 0, j)),
     )
 
 
@@ -189,7 +213,7 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
 
 
 def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
-    """``(dq, dk, dv)`` as ``block_sparse_flash._backward`` (dK/dV per query head, GQA groups summed in XLA)."""
+    """``(dq, dk, dv)`` as ``block_sparse_flash._backward``; the dK/dV kernel sums each GQA group in VMEM."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
@@ -211,20 +235,22 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dq_tpu",
     )(fwd_lists, fwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
-    per_head = jax.ShapeDtypeStruct((B, N, T, D), jnp.float32)
+    width = bwd_lists.shape[-1]
+    sk = _dkv_specs(N, K, D, sel.shape[-1], block, width)
+    kv_shape = jax.ShapeDtypeStruct(k_.shape, k.dtype)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block),
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block, group=N // K, width=width),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, N, T // block, bwd_lists.shape[-1]),
-            in_specs=[s["head_listed"], s["kv_own"], s["kv_own"], s["head_listed"], s["stat_listed"],
-                      s["stat_listed"], s["col_listed"], s["row_own"], s["col_listed"], s["row_own"],
-                      s["sel_listed"]],
-            out_specs=[s["head_own"], s["head_own"]],
+            num_scalar_prefetch=2, grid=(B, K, T // block, (N // K) * width),
+            in_specs=[sk["head_listed"], sk["kv_own"], sk["kv_own"], sk["head_listed"], sk["stat_listed"],
+                      sk["stat_listed"], sk["col_listed"], sk["row_own"], sk["col_listed"], sk["row_own"],
+                      sk["sel_listed"]],
+            out_specs=[sk["kv_own"], sk["kv_own"]],
             scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, D), jnp.float32)]),
-        out_shape=[per_head, per_head],
+        out_shape=[kv_shape, kv_shape],
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dkv_tpu",
     )(bwd_lists, bwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
-    fold = lambda x: rearrange(x, "B (K G) T D -> B T K G D", K=K).sum(axis=3).astype(k.dtype)  # noqa: E731
-    return rearrange(dq, "B N T D -> B T N D"), fold(dk), fold(dv)
+    kv_last = lambda x: rearrange(x, "B K T D -> B T K D")  # noqa: E731
+    return rearrange(dq, "B N T D -> B T N D"), kv_last(dk), kv_last(dv)

@@ -24,8 +24,9 @@ from pallas_kernels.platform import tpu_params
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+def _dot(a, b, trans_b=False):
+    """float32 ``a @ b`` (``a @ b.T`` with ``trans_b``: Mosaic's native transposed-RHS matmul)."""
+    return jax.lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=_HIGHEST,
                                preferred_element_type=jnp.float32)
 
 
@@ -63,13 +64,13 @@ def _gdn_kernel(before_ref, q_ref, k_ref, v_ref, g_col_ref, g_row_ref, beta_ref,
     decay = jnp.where(incl, jnp.exp(jnp.where(incl, G_c - G_r, 0.0)), 0.0)
     before = before_ref[b, c]
     gamma = jnp.where(runs_c == before, jnp.exp(G_c), 0.0)  # [C, 1]
-    A = jnp.where(s < t, beta * decay * _dot(k, k.T), 0.0)
+    A = jnp.where(s < t, beta * decay * _dot(k, k, trans_b=True), 0.0)
     W = _unit_lower_inverse(A, t, s)
     u = _dot(W, beta * v) - _dot(_dot(W, beta * gamma * k), S)
-    o_ref[...] = (_dot(gamma * q, S) + _dot(decay * _dot(q, k.T), u)).astype(o_ref.dtype)
-    last = s[:1] == C - 1  # [1, C]: element C-1 of a row by a masked sum
-    run_last = jnp.sum(jnp.where(last, runs_r, 0))
-    G_last = jnp.sum(jnp.where(last, G_r, 0.0))
+    o_ref[...] = (_dot(gamma * q, S) + _dot(decay * _dot(q, k, trans_b=True), u)).astype(o_ref.dtype)
+    last = s[:1] == C - 1  # [1, C]: element C-1 of a row by a masked sum, kept as a [1, 1] vector
+    run_last = jnp.sum(jnp.where(last, runs_r, 0), axis=1, keepdims=True)
+    G_last = jnp.sum(jnp.where(last, G_r, 0.0), axis=1, keepdims=True)
     tail = jnp.where(runs_c == run_last, jnp.exp(G_last - G_c), 0.0)  # [C, 1]
     keep = jnp.where(run_last == before, jnp.exp(G_last), 0.0)
     S_ref[...] = keep * S + _dot((tail * k).T, u)

@@ -29,7 +29,9 @@ from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
 from spb2_jax.ops.sliding_window import sliding_window_attention
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks (vendor sheets)
+# dense bf16 matmul peaks per chip (vendor sheets), matched as substrings of jax's device_kind, first match wins
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0}
 
 
 def _peak() -> float | None:
