@@ -182,6 +182,21 @@ def _check_tile(T, block, interpret):
                          f"block={block} for T={T}")
 
 
+def _check_smem(lists, counts, interpret):
+    """Scalar prefetch puts the whole lists in SMEM: fail with the sizes instead of a Mosaic allocation error."""
+    if interpret:
+        return
+    try:
+        capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    except ValueError:  # not running on a TPU (e.g. lowering for TPU elsewhere): nothing to compare with
+        return
+    need = 4 * (lists.size + counts.size)
+    if need > capacity // 2:  # the other half: the pipeline's own scalars
+        raise ValueError(f"the TPU kernel's tile lists {tuple(lists.shape)} need {need / 2**20:.2f} MiB of SMEM, "
+                         f"more than half the chip's {capacity / 2**20:.2f} MiB; use a longer tile (block_size), "
+                         f"fewer heads per call, or impl='xla'")
+
+
 def _layout(q, k, v, seg, blk, sel):
     heads = lambda x: rearrange(x, "B T N D -> B N T D")  # noqa: E731
     return (heads(q), heads(k), heads(v), seg[..., None], seg[:, None, :], blk[..., None], blk[:, None, :],
@@ -193,6 +208,7 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     _check_tile(T, block, interpret)
+    _check_smem(fwd_lists, fwd_count, interpret)
     s = _specs(N, k.shape[2], D, sel.shape[-1], block)
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
     o, lse = pl.pallas_call(
@@ -235,6 +251,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dq_tpu",
     )(fwd_lists, fwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
+    _check_smem(bwd_lists, bwd_count, interpret)
     width = bwd_lists.shape[-1]
     sk = _dkv_specs(N, K, D, sel.shape[-1], block, width)
     kv_shape = jax.ShapeDtypeStruct(k_.shape, k.dtype)

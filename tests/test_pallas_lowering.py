@@ -126,3 +126,17 @@ def test_tpu_kernels_reject_a_tile_mosaic_cannot_block():
     with pytest.raises(ValueError, match="multiple of 128 or the whole sequence, got block=64"):
         sliding_window_flash_attention(q, k, v, window=8, seg=seg, block_sizes=BlockSizes(64), interpret=False,
                                        target="mosaic_tpu")
+
+
+def test_tpu_kernels_name_the_smem_they_would_need(monkeypatch):
+    """Whole tile lists go to SMEM by scalar prefetch; past the chip's capacity the error says so (capacity faked:
+    the real one is read from the TPU)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    monkeypatch.setattr(pltpu, "get_tpu_info", lambda: type("Info", (), {"smem_capacity_bytes": 256})())
+    seg = jnp.ones((B, TPU_T), jnp.int32)
+    q, k, v = _tpu_qkv(jnp.float32)
+    with pytest.raises(ValueError, match=r"tile lists \(1, 4, 3, 4\) need 0.00 MiB of SMEM, more than half"):
+        jax.jit(lambda q, k, v: sliding_window_flash_attention(
+            q, k, v, window=TPU_T, seg=seg, interpret=False, target="mosaic_tpu")).trace(q, k, v).lower(
+                lowering_platforms=("tpu",))
