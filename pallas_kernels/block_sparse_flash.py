@@ -41,7 +41,8 @@ _MASKED = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile size shared by queries and keys (a power of two for the Triton lowering)."""
+    """Tile size shared by queries and keys: a power of two for the Triton lowering; the TPU kernels also need a
+    multiple of 128 or the whole padded sequence (the default, 128, is both)."""
 
     block: int = 128
 
@@ -297,7 +298,7 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, interpret: bool,
-                           target: str = "triton"):
+                           target: str | None = None):
     """Attention of ``q [B, T, N, D]`` over ``k, v [B, T, K, D]`` restricted to listed tiles and masked per token.
 
     ``T`` must be a multiple of ``block`` (callers pad with segment 0). ``meta`` = (fwd_lists ``[B, N, nT, M]``,
@@ -305,7 +306,7 @@ def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: i
     tile), seg ``[B, T]``, blk ``[B, T]``,
     sel ``[B, T, N, R]``), all int32, from ``tile_lists`` and the caller's per-token metadata.
     ``target``: ``"triton"`` (the GPU-style kernels of this module) or ``"mosaic_tpu"`` (their TPU-style twins in
-    ``block_sparse_flash_tpu``); see ``platform``.
+    ``block_sparse_flash_tpu``); None = by backend (``platform.default_target``).
     Returns ``o [B, T, N, D]`` in ``q.dtype`` (padding rows 0).
     """
     return _forward(q, k, v, meta, spec, scale, block, interpret, resolve_target(target))[0]

@@ -8,11 +8,12 @@ dQ) or Q/dO tiles (dK/dV) into VMEM, one per step; steps past a tile's count re-
 copy) and skip the compute. Online-softmax statistics and gradient accumulators live in float32 VMEM scratch
 across the last ("arbitrary") grid dimension and are written out at its last step.
 
-Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, D]``), per-token metadata of the tile's own
-side as columns ``[B, T, 1]`` and of the listed side as rows ``[B, 1, T]``, statistics as ``[B, N, T, 1]``; a
-tile must be a multiple of 128 tokens or the whole (padded) sequence. SMEM holds the whole lists: ``B N nT M``
-int32 (MoBA lists can be ``nT`` long: at 32k tokens and 32 heads with 128-token tiles that is 8 MiB; use longer
-tiles or the XLA path beyond what the chip's SMEM holds).
+Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, D]``), per-token metadata of the query side
+as columns ``[B, T, 1]`` and of the key side as rows ``[B, 1, T]``, statistics as ``[B, N, T, 1]``; a tile must
+be a multiple of 128 tokens or the whole (padded) sequence. dK/dV use transposed-LHS matmuls (no explicit
+transpose). SMEM holds the whole lists, flattened: ``B N nT M`` int32 (MoBA lists can be ``nT`` long: at 32k
+tokens and 32 heads with 128-token tiles that is 8 MiB, past the 1 MiB of current chips; the wrapper raises a
+ValueError with the sizes — use longer tiles or the XLA path there).
 """
 
 from __future__ import annotations
@@ -31,17 +32,17 @@ from pallas_kernels.platform import tpu_params
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _tile_mask(spec, q_tile, k_tile, block, q_seg, k_seg, q_blk, k_blk, sel_ref):
-    """Mask of query tile ``q_tile`` against key tile ``k_tile`` from column / row metadata (refs' values)."""
+def _tile_mask(spec, q_tile, k_tile, block, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref):
+    """Mask of query tile ``q_tile`` against key tile ``k_tile`` from the column (query) / row (key) metadata."""
     row = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     rel = (q_tile - k_tile) * block + row - col
     cols = [sel_ref[:, pl.ds(r, 1)] for r in range(sel_ref.shape[-1])]
-    return _mask(spec, rel, q_seg, k_seg, q_blk, k_blk, cols)
+    return _mask(spec, rel, qseg_ref[...], kseg_ref[...], qblk_ref[...], kblk_ref[...], cols)
 
 
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
-                o_ref, lse_ref, acc_ref, m_ref, l_ref, *, spec, scale, block):
+                o_ref, lse_ref, acc_ref, m_ref, l_ref, *, spec, scale, block, dims):
     b, n, i, c = (pl.program_id(a) for a in range(4))
 
     @pl.when(c == 0)
@@ -50,11 +51,11 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
         m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
-    @pl.when(c < count_ref[b, n, i])
+    @pl.when(c < _count_at(count_ref, dims, b, n, i))
     def _():
         v = v_ref[...]
-        mask = _tile_mask(spec, i, lists_ref[b, n, i, c], block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
-                          kblk_ref[...], sel_ref)
+        mask = _tile_mask(spec, i, _list_at(lists_ref, dims, b, n, i, c), block, qseg_ref, kseg_ref, qblk_ref,
+                          kblk_ref, sel_ref)
         s = jnp.where(mask, _dot(q_ref[...], k_ref[...], trans_b=True) * scale, _MASKED)  # [t, s]
         m = m_ref[...]
         m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
@@ -74,18 +75,18 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
 
 
 def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-               qblk_ref, kblk_ref, sel_ref, dq_ref, acc_ref, *, spec, scale, block):
+               qblk_ref, kblk_ref, sel_ref, dq_ref, acc_ref, *, spec, scale, block, dims):
     b, n, i, c = (pl.program_id(a) for a in range(4))
 
     @pl.when(c == 0)
     def _():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(c < count_ref[b, n, i])
+    @pl.when(c < _count_at(count_ref, dims, b, n, i))
     def _():
         k = k_ref[...]
-        mask = _tile_mask(spec, i, lists_ref[b, n, i, c], block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
-                          kblk_ref[...], sel_ref)
+        mask = _tile_mask(spec, i, _list_at(lists_ref, dims, b, n, i, c), block, qseg_ref, kseg_ref, qblk_ref,
+                          kblk_ref, sel_ref)
         p = jnp.where(mask, jnp.exp(_dot(q_ref[...], k, trans_b=True) * scale - lse_ref[...]), 0.0)
         ds = p * (_dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
         acc_ref[...] += _dot(ds.astype(k.dtype), k)
@@ -96,10 +97,11 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, spec, scale, block, group, width):
+                qblk_ref, kblk_ref, sel_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, spec, scale, block, group, dims):
     """Grid (b, kv head, key tile j, e): entry ``e`` walks query head ``kv * group + e // width`` of the GQA group,
     list entry ``e % width``; the group's dK/dV accumulate in VMEM (no per-query-head copies)."""
     b, kv, j, e = (pl.program_id(a) for a in range(4))
+    width = dims[2]
     n, c = kv * group + jax.lax.div(e, width), jax.lax.rem(e, width)
 
     @pl.when(e == 0)
@@ -107,15 +109,15 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(c < count_ref[b, n, j])
+    @pl.when(c < _count_at(count_ref, dims, b, n, j))
     def _():
         q, do = q_ref[...], do_ref[...]
-        mask = _tile_mask(spec, lists_ref[b, n, j, c], j, block, qseg_ref[...], kseg_ref[...], qblk_ref[...],
-                          kblk_ref[...], sel_ref)
+        mask = _tile_mask(spec, _list_at(lists_ref, dims, b, n, j, c), j, block, qseg_ref, kseg_ref, qblk_ref,
+                          kblk_ref, sel_ref)
         p = jnp.where(mask, jnp.exp(_dot(q, k_ref[...], trans_b=True) * scale - lse_ref[...]), 0.0)  # [t, s]
-        dv_acc[...] += _dot(p.T.astype(do.dtype), do)
+        dv_acc[...] += _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot(do, v_ref[...], trans_b=True) - delta_ref[...])
-        dk_acc[...] += _dot(ds.T.astype(q.dtype), q)
+        dk_acc[...] += _dot_tn(ds.astype(q.dtype), q)
 
     @pl.when(e == pl.num_programs(3) - 1)
     def _():
@@ -125,12 +127,30 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
 # ----------------------------------------------------------------------------------------------- pallas calls
 
-def _listed(b, n, i, c, lists, counts):
+def _dot_tn(a, b):
+    """float32-accumulated ``a.T @ b`` as one transposed-LHS matmul (no explicit transpose of ``a``)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                               precision=jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
+
+
+def _count_at(counts, dims, b, n, i):
+    """``counts[b, n, i]`` of the flattened counts (``dims`` = (heads, tiles, list width))."""
+    N, nT, _ = dims
+    return counts[(b * N + n) * nT + i]
+
+
+def _list_at(lists, dims, b, n, i, c):
+    """``lists[b, n, i, c]`` of the flattened lists."""
+    N, nT, M = dims
+    return lists[((b * N + n) * nT + i) * M + c]
+
+
+def _listed(b, n, i, c, lists, counts, dims):
     """The list entry of grid step ``c``; past the count, the last listed tile again (the pipeline skips the copy)."""
-    return lists[b, n, i, jnp.minimum(c, jnp.maximum(counts[b, n, i] - 1, 0))]
+    return _list_at(lists, dims, b, n, i, jnp.minimum(c, jnp.maximum(_count_at(counts, dims, b, n, i) - 1, 0)))
 
 
-def _specs(N, K, D, R, block):
+def _specs(N, K, D, R, block, dims):
     """BlockSpecs on the forward / dQ grid (b, query head n, query tile i, list entry c): ``own`` = the tile the
     program writes, ``listed`` = the key tile its list entry names. GQA kv head = n // (N // K)."""
     G = N // K
@@ -139,25 +159,25 @@ def _specs(N, K, D, R, block):
     return dict(
         head_own=pl.BlockSpec((None, None, block, D), own),
         kv_listed=pl.BlockSpec((None, None, block, D),
-                               lambda b, n, i, c, L, Cn: (b, kv_head(n), _listed(b, n, i, c, L, Cn), 0)),
+                               lambda b, n, i, c, L, Cn: (b, kv_head(n), _listed(b, n, i, c, L, Cn, dims), 0)),
         stat_own=pl.BlockSpec((None, None, block, 1), own),
         col_own=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, i, 0)),
-        row_listed=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, _listed(b, n, i, c, L, Cn))),
+        row_listed=pl.BlockSpec((None, 1, block), lambda b, n, i, c, L, Cn: (b, 0, _listed(b, n, i, c, L, Cn, dims))),
         sel_own=pl.BlockSpec((None, None, block, R), own),
     )
 
 
-def _dkv_specs(N, K, D, R, block, width):
+def _dkv_specs(N, K, D, R, block, dims):
     """BlockSpecs on the dK/dV grid (b, kv head, key tile j, e): query head ``kv G + e // width``, its list entry
     ``e % width`` names the query tile."""
-    G = N // K
+    G, width = N // K, dims[2]
 
     def head_entry(kv, e):
         return kv * G + jax.lax.div(e, width), jax.lax.rem(e, width)
 
     def listed(b, kv, j, e, L, Cn):
         n, c = head_entry(kv, e)
-        return n, _listed(b, n, j, c, L, Cn)
+        return n, _listed(b, n, j, c, L, Cn, dims)
 
     def head_listed(b, kv, j, e, L, Cn):
         n, i = listed(b, kv, j, e, L, Cn)
@@ -182,19 +202,21 @@ def _check_tile(T, block, interpret):
                          f"block={block} for T={T}")
 
 
-def _check_smem(lists, counts, interpret):
-    """Scalar prefetch puts the whole lists in SMEM: fail with the sizes instead of a Mosaic allocation error."""
-    if interpret:
-        return
-    try:
-        capacity = pltpu.get_tpu_info().smem_capacity_bytes
-    except ValueError:  # not running on a TPU (e.g. lowering for TPU elsewhere): nothing to compare with
-        return
+def _scalar_operands(lists, counts, interpret):
+    """Lists and counts flattened to 1-D for scalar prefetch (SMEM pads the last dim of an N-D array to 128
+    words), plus their ``dims`` (heads, tiles, list width). On a TPU, fails with the sizes when they alone exceed
+    the chip's SMEM (a lower bound of what the kernel needs) instead of a Mosaic allocation error."""
     need = 4 * (lists.size + counts.size)
-    if need > capacity // 2:  # the other half: the pipeline's own scalars
-        raise ValueError(f"the TPU kernel's tile lists {tuple(lists.shape)} need {need / 2**20:.2f} MiB of SMEM, "
-                         f"more than half the chip's {capacity / 2**20:.2f} MiB; use a longer tile (block_size), "
-                         f"fewer heads per call, or impl='xla'")
+    if not interpret:
+        try:
+            capacity = pltpu.get_tpu_info().smem_capacity_bytes
+        except ValueError:  # not running on a TPU (e.g. lowering for TPU elsewhere): nothing to compare with
+            capacity = None
+        if capacity is not None and need > capacity:
+            raise ValueError(f"the TPU kernel's tile lists {tuple(lists.shape)} need {need:,} bytes of SMEM, more "
+                             f"than the chip's {capacity:,}; use a longer tile (block_size), fewer heads per "
+                             f"call, or impl='xla'")
+    return lists.reshape(-1), counts.reshape(-1), tuple(lists.shape[1:])
 
 
 def _layout(q, k, v, seg, blk, sel):
@@ -208,11 +230,11 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     _check_tile(T, block, interpret)
-    _check_smem(fwd_lists, fwd_count, interpret)
-    s = _specs(N, k.shape[2], D, sel.shape[-1], block)
+    lists, counts, dims = _scalar_operands(fwd_lists, fwd_count, interpret)
+    s = _specs(N, k.shape[2], D, sel.shape[-1], block, dims)
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
     o, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block),
+        functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(B, N, T // block, fwd_lists.shape[-1]),
             in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["col_own"], s["row_listed"], s["col_own"],
@@ -224,7 +246,7 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_fwd_tpu",
-    )(fwd_lists, fwd_count, q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_)
+    )(lists, counts, q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_)
     return rearrange(o, "B N T D -> B T N D"), lse[..., 0]
 
 
@@ -233,13 +255,14 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
-    s = _specs(N, K, D, sel.shape[-1], block)
+    lists, counts, dims = _scalar_operands(fwd_lists, fwd_count, interpret)
+    s = _specs(N, K, D, sel.shape[-1], block, dims)
     delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
     lse = lse[..., None]
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
     do_ = rearrange(do, "B T N D -> B N T D")
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec, scale=scale, block=block),
+        functools.partial(_dq_kernel, spec=spec, scale=scale, block=block, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(B, N, T // block, fwd_lists.shape[-1]),
             in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["head_own"], s["stat_own"], s["stat_own"],
@@ -250,13 +273,13 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dq_tpu",
-    )(fwd_lists, fwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
-    _check_smem(bwd_lists, bwd_count, interpret)
-    width = bwd_lists.shape[-1]
-    sk = _dkv_specs(N, K, D, sel.shape[-1], block, width)
+    )(lists, counts, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
+    lists, counts, dims = _scalar_operands(bwd_lists, bwd_count, interpret)
+    width = dims[2]
+    sk = _dkv_specs(N, K, D, sel.shape[-1], block, dims)
     kv_shape = jax.ShapeDtypeStruct(k_.shape, k.dtype)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block, group=N // K, width=width),
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block, group=N // K, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(B, K, T // block, (N // K) * width),
             in_specs=[sk["head_listed"], sk["kv_own"], sk["kv_own"], sk["head_listed"], sk["stat_listed"],
@@ -268,6 +291,6 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dkv_tpu",
-    )(bwd_lists, bwd_count, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
+    )(lists, counts, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
     kv_last = lambda x: rearrange(x, "B K T D -> B T K D")  # noqa: E731
     return rearrange(dq, "B N T D -> B T N D"), kv_last(dk), kv_last(dv)

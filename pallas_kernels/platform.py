@@ -4,7 +4,7 @@ Every kernel here exists in two forms: GPU style (``"triton"``: the grid runs ov
 the kernel walks the work, as jax's ``pallas/ops/gpu`` kernels) and TPU style (``"mosaic_tpu"``: the work list is
 a grid dimension, scalar-prefetched indices pick the blocks the pipeline copies into VMEM, accumulators live in
 VMEM scratch, as jax's ``pallas/ops/tpu`` kernels). ``default_target()`` picks by backend; both run on CPU with
-``interpret=True`` (tests compare them).
+``interpret=True`` (tests compare each with the XLA path).
 """
 
 from __future__ import annotations
