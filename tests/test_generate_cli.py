@@ -66,3 +66,18 @@ def test_cli_streams_the_tokens_generate_gives(tokenizer, capsys):
     assert "prefill" in err and "tokens/s" in err
     with pytest.raises(SystemExit):
         main(["--system", "x"])
+
+
+def test_cli_official_decode_flags_match_generate(tokenizer):
+    """``--moba-decode dense --official-rope-offset`` gives ``generate``'s tokens with the same options (and the
+    official path differs from the exact one here, so the flags do reach the decode step)."""
+    text = "The quick brown fox jumps over the lazy dog."  # 30 tokens: the two decodes part after 2 new tokens
+    argv = ["--prompt", text, "--max-new-tokens", "16", "--moba-decode", "dense", "--official-rope-offset"]
+    stats = main(argv, out=io.StringIO())
+    config, params = load_hf(DEFAULT_CHECKPOINT, progress=False)
+    prompt = encode_prompt(tokenizer, text)
+    official = generate(params, config, [prompt], max_new_tokens=16, moba_decode="dense",
+                        official_rope_offset=True).sequences()[0]
+    exact = generate(params, config, [prompt], max_new_tokens=16).sequences()[0]
+    assert stats["tokens"] == official
+    assert official != exact

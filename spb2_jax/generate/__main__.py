@@ -29,13 +29,13 @@ DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "a
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fresh", "moba_dense", "top_k", "impl", "dtype"),
-                   donate_argnames=("cache",))
-def _extend_and_sample(params, ids, cache, rng, temperature, top_p, *, config, fresh, moba_dense, top_k, impl,
-                       dtype):
+@functools.partial(jax.jit, static_argnames=("config", "fresh", "moba_dense", "rope_offset", "top_k", "impl",
+                                             "dtype"), donate_argnames=("cache",))
+def _extend_and_sample(params, ids, cache, rng, temperature, top_p, *, config, fresh, moba_dense, rope_offset, top_k,
+                       impl, dtype):
     """Add ``ids [1, T]`` to the cache (in place) and sample the next token (same key chain as ``generate``)."""
     logits, cache = extend(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=fresh,
-                           all_logits=False, moba_dense=moba_dense, impl=impl, dtype=dtype)
+                           all_logits=False, moba_dense=moba_dense, rope_offset=rope_offset, impl=impl, dtype=dtype)
     rng, key = jax.random.split(rng)
     token = sample_token(logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p)
     return token[:, None], cache, rng
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", choices=dispatch.IMPLS, default=dispatch.DEFAULT_IMPL, help="token-mixer path")
     p.add_argument("--moba-decode", choices=MOBA_DECODE, default="exact",
                    help="'dense' reproduces the official cached decode (MoBA layers attend to every cached token)")
+    p.add_argument("--official-rope-offset", action="store_true",
+                   help="reproduce the official cache's RoPE quirk in decode steps (layers >= 1 rotate the new token "
+                        "at position + 1); with --moba-decode dense: the official cached decode")
     return p
 
 
@@ -88,8 +91,10 @@ def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
     static = dict(config=config, moba_dense=args.moba_decode == "dense", top_k=args.top_k, impl=args.impl,
                   dtype=dtype)
     t0 = time.perf_counter()  # ahead-of-time compilation, so that the timings below are pure run time
-    prefill_fn = _extend_and_sample.lower(params, ids, cache, rng, *floats, fresh=True, **static).compile()
-    step_fn = _extend_and_sample.lower(params, ids[:, :1], cache, rng, *floats, fresh=False, **static).compile()
+    prefill_fn = _extend_and_sample.lower(params, ids, cache, rng, *floats, fresh=True, rope_offset=0,
+                                          **static).compile()
+    step_fn = _extend_and_sample.lower(params, ids[:, :1], cache, rng, *floats, fresh=False,
+                                       rope_offset=int(args.official_rope_offset), **static).compile()
     compile_s = time.perf_counter() - t0
 
     stream = TextStream(tokenizer)
