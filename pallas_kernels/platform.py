@@ -42,11 +42,11 @@ def triton_params(interpret: bool, *, num_warps: int = 4, num_stages: int = 2):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def tpu_params(interpret: bool, dimension_semantics: tuple[str, ...]):
+def tpu_params(interpret, dimension_semantics: tuple[str, ...]):
     """Mosaic TPU compiler params: which grid dimensions are independent (``"parallel"``: megacore may split them)
-    and which carry an accumulator from step to step (``"arbitrary"``); None in interpret mode."""
-    if interpret:
-        return None
+    and which carry an accumulator from step to step (``"arbitrary"``). Also given in interpret mode: jax's TPU
+    simulator (``interpret=pltpu.InterpretParams(...)``) splits and shuffles the parallel dimensions by them."""
+    del interpret
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
