@@ -1,5 +1,5 @@
 """Pallas kernels: GPU-style (Triton lowering) and TPU-style (Mosaic TPU) twins, picked by backend
-(``platform``); CPU runs either with ``interpret=True`` (tests). Depends only on jax and einops.
+(``platform``); CPU runs either with ``interpret=True`` (tests). Depends only on jax.
 
 - ``platform``: targets (``"triton"``, ``"mosaic_tpu"``), interpret default, compiler parameters.
 - ``block_sparse_flash``: the shared block-sparse flash-attention core (forward, dQ, dK/dV kernels), GPU style;

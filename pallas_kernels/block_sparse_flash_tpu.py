@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -219,8 +218,13 @@ def _scalar_operands(lists, counts, interpret):
     return lists.reshape(-1), counts.reshape(-1), tuple(lists.shape[1:])
 
 
+def _swap_time_heads(x):
+    """``[B, T, N, ...]`` <-> ``[B, N, T, ...]``."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _layout(q, k, v, seg, blk, sel):
-    heads = lambda x: rearrange(x, "B T N D -> B N T D")  # noqa: E731
+    heads = _swap_time_heads
     return (heads(q), heads(k), heads(v), seg[..., None], seg[:, None, :], blk[..., None], blk[:, None, :],
             heads(sel))
 
@@ -247,7 +251,7 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_fwd_tpu",
     )(lists, counts, q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_)
-    return rearrange(o, "B N T D -> B T N D"), lse[..., 0]
+    return _swap_time_heads(o), lse[..., 0]
 
 
 def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
@@ -260,7 +264,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
     delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
     lse = lse[..., None]
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
-    do_ = rearrange(do, "B T N D -> B N T D")
+    do_ = _swap_time_heads(do)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, scale=scale, block=block, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -292,5 +296,4 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dkv_tpu",
     )(lists, counts, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
-    kv_last = lambda x: rearrange(x, "B K T D -> B T K D")  # noqa: E731
-    return rearrange(dq, "B N T D -> B T N D"), kv_last(dk), kv_last(dv)
+    return _swap_time_heads(dq), _swap_time_heads(dk), _swap_time_heads(dv)

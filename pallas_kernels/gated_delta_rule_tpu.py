@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -92,9 +91,10 @@ def gated_delta_rule_fwd_tpu(q, k, v, g, beta, runs, run_before, initial_state, 
     V = v.shape[-1]
     C = chunk_size
     n = T // C
-    heads_first = lambda x: rearrange(x, "B T H D -> B H T D")  # noqa: E731
-    col = lambda x: rearrange(x, "B (n C) H -> B H n C 1", C=C)  # noqa: E731
-    row = lambda x: rearrange(x, "B (n C) H -> B H n 1 C", C=C)  # noqa: E731
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
+    per_chunk = lambda x: jnp.swapaxes(x, 1, 2).reshape(B, H, n, C)  # noqa: E731  [B, T, H] -> [B, H, n, C]
+    col = lambda x: per_chunk(x)[..., None]  # noqa: E731  [B, H, n, C, 1]
+    row = lambda x: per_chunk(x)[..., None, :]  # noqa: E731  [B, H, n, 1, C]
     tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, c, *_: (b, h, c, 0))  # noqa: E731
     col_spec = pl.BlockSpec((None, None, None, C, 1), lambda b, h, c, *_: (b, h, c, 0, 0))
     row_spec = pl.BlockSpec((None, None, None, 1, C), lambda b, h, c, *_: (b, h, c, 0, 0))
@@ -114,5 +114,5 @@ def gated_delta_rule_fwd_tpu(q, k, v, g, beta, runs, run_before, initial_state, 
         name="chunk_gated_delta_rule_fwd_tpu",
     )(run_before.reshape(-1), runs[:, C - 1::C].reshape(-1), heads_first(q), heads_first(k), heads_first(v),
       col(g), row(g), col(beta), row(beta),
-      rearrange(runs, "B (n C) -> B n C 1", C=C), rearrange(runs, "B (n C) -> B n 1 C", C=C), initial_state)
-    return rearrange(o, "B H T V -> B T H V"), ht
+      runs.reshape(B, n, C, 1), runs.reshape(B, n, 1, C), initial_state)
+    return heads_first(o), ht
