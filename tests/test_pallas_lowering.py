@@ -140,3 +140,18 @@ def test_tpu_kernels_name_the_smem_they_would_need(monkeypatch):
         jax.jit(lambda q, k, v: sliding_window_flash_attention(
             q, k, v, window=TPU_T, seg=seg, interpret=False, target="mosaic_tpu")).trace(q, k, v).lower(
                 lowering_platforms=("tpu",))
+
+
+def test_pallas_kernels_depend_only_on_jax():
+    """DESIGN.md: ``pallas_kernels`` depends only on jax (and the standard library)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    allowed = {"jax", "pallas_kernels"} | set(sys.stdlib_module_names)
+    for path in sorted(Path(__file__).resolve().parents[1].glob("pallas_kernels/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
