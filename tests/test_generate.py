@@ -214,6 +214,19 @@ def test_prefill_rejects_bad_input(tiny):
         generate(params, config, [[1, 2]], top_p=0.0, temperature=1.0)
     with pytest.raises(ValueError, match=r"empty rows: \[1\]"):
         generate(params, config, [[1, 2], []])
+    V = config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids contain ids \[-1, {V}\] outside \[0, vocab_size={V}\)"):
+        prefill(params, config, np.array([[1, V], [-1, 2]], np.int32), cache)
+    with pytest.raises(ValueError, match=rf"input_ids contain ids \[{V + 5}\]"):
+        generate(params, config, [[1, V + 5]])
+    with pytest.raises(ValueError, match=rf"stop_tokens contain ids \[{V}\]"):
+        generate(params, config, [[1, 2]], stop_tokens=[V])
+    with pytest.raises(ValueError, match="temperature=-0.5 must be >= 0"):
+        generate(params, config, [[1, 2]], temperature=-0.5)
+    with pytest.raises(ValueError, match="top_k=0 must be >= 1"):
+        generate(params, config, [[1, 2]], top_k=0, temperature=1.0)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int, got 4.0"):
+        generate(params, config, [[1, 2]], max_new_tokens=4.0)
 
 
 def test_left_padded_batch_gives_each_row_its_own_tokens(tiny):

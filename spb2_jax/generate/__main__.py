@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spb2_jax.checkpoint import load_hf
-from spb2_jax.generate.decode import MOBA_DECODE, extend
+from spb2_jax.generate.decode import MOBA_DECODE, check_token_ids, extend
 from spb2_jax.generate.sampling import sample_token
 from spb2_jax.generate.tokenizer import TextStream, encode_prompt, load_tokenizer, stop_token_ids
 from spb2_jax.layers.cache import init_cache
@@ -75,12 +75,17 @@ def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0.0 < args.top_p <= 1.0:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
     dtype = DTYPES[args.dtype]
     tokenizer = load_tokenizer(args.checkpoint)
     config, params = load_hf(args.checkpoint, dtype=dtype)
     prompt = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    check_token_ids(prompt, config.vocab_size, "the tokenized prompt (tokenizer.json vs config.json)")
     stops = set(stop_token_ids(tokenizer, config, chat=args.chat))
     print(f"[{len(prompt)} prompt tokens, backend {jax.default_backend()}, {args.dtype}]", file=sys.stderr)
 

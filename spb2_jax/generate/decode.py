@@ -55,6 +55,14 @@ def _check_ids(input_ids: Any, cache: Cache, what: str) -> jax.Array:
     return ids.astype(jnp.int32)
 
 
+def check_token_ids(ids: Any, vocab_size: int, what: str) -> None:
+    """Host check that token ids lie in ``[0, vocab_size)`` (the embedding lookup would clamp others silently)."""
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"{what} contain ids {sorted(set(bad.tolist()))[:8]} outside [0, vocab_size={vocab_size})")
+
+
 def check_attention_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndarray:
     """Host-side ``[B, T]`` bool validity mask: 1 = real token. Each row's real tokens must be one contiguous
     run (left or right padding); a hole would split the row into two sequences."""
@@ -92,6 +100,7 @@ def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, atten
     """
     ids = _check_ids(input_ids, cache, "input_ids")
     valid = check_attention_mask(attention_mask, ids.shape)
+    check_token_ids(np.asarray(ids)[valid], config.vocab_size, "input_ids")
     length = np.asarray(jax.device_get(cache.length))
     new_length = length + valid.sum(axis=1)
     if (new_length > cache.max_len).any():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spb2_jax.config import SpB2Config
-from spb2_jax.generate.decode import MOBA_DECODE, check_attention_mask, extend
+from spb2_jax.generate.decode import MOBA_DECODE, check_attention_mask, check_token_ids, extend
 from spb2_jax.generate.sampling import sample_token
 from spb2_jax.layers.cache import init_cache
 from spb2_jax.layers.common import Dtype
@@ -180,8 +181,16 @@ def generate(
       ``GenerateOutput``. Prefill and the decode loop are one compiled program per (batch, prompt bucket,
       max_new_tokens bucket, top_k, moba_decode, official_rope_offset, callback or not, impl, dtype).
     """
+    try:
+        max_new_tokens = operator.index(max_new_tokens)
+    except TypeError:
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}") from None
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None)")
     if moba_decode not in MOBA_DECODE:
         raise ValueError(f"moba_decode={moba_decode!r} must be one of {MOBA_DECODE}")
     if not 0.0 < top_p <= 1.0:
@@ -191,6 +200,12 @@ def generate(
         stop_tokens = config.eos_token_id
     stops = () if stop_tokens is None else (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
+    for what, values in (("input_ids", [t for r in rows for t in r]), ("stop_tokens", stops),
+                         ("pad_token_id", [pad])):
+        check_token_ids(values, config.vocab_size, what)
+    if callback is not None and _STREAM[0] is not None:
+        raise RuntimeError("generate with a callback is already running (the streaming slot is process-wide); "
+                           "call generate with callbacks one at a time")
     ids, valid = left_pad(rows, bucket_length(max(len(r) for r in rows)), pad)
     _STREAM[0] = callback
     try:

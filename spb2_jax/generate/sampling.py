@@ -36,8 +36,11 @@ def sample_token(logits: jax.Array, rng: jax.Array, *, temperature: float | jax.
     """One token per row from ``logits [B, V]``: argmax when ``temperature <= 0``, else a sample of
     ``softmax(filter_logits(logits / temperature))`` -- temperature first, then top-k, then top-p on the tempered
     distribution (the order of Hugging Face ``generate``). Returns ``[B]`` int32."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.asarray(temperature, jnp.float32)
-    scaled = logits.astype(jnp.float32) / jnp.maximum(t, 1e-6)
-    sampled = jax.random.categorical(rng, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1).astype(jnp.int32)
-    return jnp.where(t > 0, sampled, greedy)
+
+    def sampled():
+        scaled = logits.astype(jnp.float32) / jnp.maximum(t, 1e-6)
+        return jax.random.categorical(rng, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1).astype(jnp.int32)
+
+    # greedy skips the vocabulary sort of filter_logits (a cond, not a select of both)
+    return jax.lax.cond(t > 0, sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
