@@ -4,7 +4,8 @@
 - ``platform``: targets (``"triton"``, ``"mosaic_tpu"``), interpret default, compiler parameters.
 - ``block_sparse_flash``: the shared block-sparse flash-attention core (forward, dQ, dK/dV kernels), GPU style;
   ``block_sparse_flash_tpu``: its TPU-style twin (scalar-prefetched tile lists drive the grid).
-- ``moba``: MoBA attention on that core (per-token selected blocks, tile lists from the selection).
+- ``moba``: MoBA attention: ``algorithm="union"`` on that core (per query tile, the union of its tokens' selected
+  tiles) or ``"gathered"`` (``moba_gathered``: own-block band + (token, selected block) rows grouped by block).
 - ``sliding_window``: sliding-window attention on that core (a band of key tiles per query tile).
 - ``gated_delta_rule`` / ``gated_delta_rule_tpu``: the chunked gated-delta-rule forward (GPU / TPU style).
 """

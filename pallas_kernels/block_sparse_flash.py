@@ -119,6 +119,46 @@ def _dot(a, b, trans_b=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def softmax_step(carry, q, k, v, mask, scale):
+    """One key tile of the online softmax: ``carry = (o [t, D], m [t], l [t])`` float32, ``mask [t, s]``."""
+    o, m, l = carry
+    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _MASKED)  # [t, s] float32
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    o = o * corr[:, None] + _dot(p.astype(v.dtype), v)
+    return o, m_new, l * corr + p.sum(axis=-1)
+
+
+def softmax_init(rows, D):
+    """Empty online-softmax carry for ``rows`` queries."""
+    return (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def softmax_finish(o, m, l):
+    """``(o / l, lse)``; rows that saw no key (padding) give 0 and lse 0."""
+    empty = l == 0.0
+    safe = jnp.where(empty, 1.0, l)
+    return jnp.where(empty[:, None], 0.0, o / safe[:, None]), jnp.where(empty, 0.0, m + jnp.log(safe))
+
+
+def dq_step(dq, q, k, v, do, lse, delta, mask, scale):
+    """One key tile of ``dq += dS K`` (unscaled), ``dS = P * (dO V^T - delta)``; lse / delta ``[t]``."""
+    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+
+def dkv_step(carry, q, k, v, do, lse, delta, mask, scale):
+    """One query tile of ``dk += dS^T Q`` (unscaled), ``dv += P^T dO``; ``carry = (dk, dv)`` float32."""
+    dk, dv = carry
+    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)  # [t, s]
+    dv = dv + _dot(p.T.astype(do.dtype), do)
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    return dk + _dot(ds.T.astype(q.dtype), q), dv
+
+
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
                 o_ref, lse_ref, *, spec, scale, block):
     i = pl.program_id(2)
@@ -127,25 +167,15 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
     q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], _columns(sel_ref)
 
     def visit(c, carry):
-        o, m, l = carry
         j = lists_ref[c]
         sl = pl.ds(pl.multiple_of(j * block, block), block)
-        k, v = k_ref[sl, :], v_ref[sl, :]
         mask = _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
-                     kseg_ref[sl], kblk_ref[sl])
-        s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _MASKED)  # [t, s] float32
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        o = o * corr[:, None] + _dot(p.astype(v.dtype), v)
-        return o, m_new, l * corr + p.sum(axis=-1)
+                         kseg_ref[sl], kblk_ref[sl])
+        return softmax_step(carry, q, k_ref[sl, :], v_ref[sl, :], mask, scale)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), _MASKED, jnp.float32),
-            jnp.zeros((block,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, count_ref[0], visit, init)
-    empty = l == 0.0  # padding tokens and tokens with no visible key
-    o_ref[...] = jnp.where(empty[:, None], 0.0, o / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
+    o, lse = softmax_finish(*jax.lax.fori_loop(0, count_ref[0], visit, softmax_init(block, q.shape[-1])))
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
@@ -159,12 +189,9 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     def visit(c, dq):
         j = lists_ref[c]
         sl = pl.ds(pl.multiple_of(j * block, block), block)
-        k, v = k_ref[sl, :], v_ref[sl, :]
         mask = _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, j * block + jnp.arange(block, dtype=jnp.int32),
-                     kseg_ref[sl], kblk_ref[sl])
-        p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+                         kseg_ref[sl], kblk_ref[sl])
+        return dq_step(dq, q, k_ref[sl, :], v_ref[sl, :], do, lse, delta, mask, scale)
 
     dq = jax.lax.fori_loop(0, count_ref[0], visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -183,16 +210,12 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     for g in range(lists_ref.shape[0]):  # static: the group's query heads
 
         def visit(c, carry, g=g):
-            dk, dv = carry
             i = lists_ref[g, c]
             sl = pl.ds(pl.multiple_of(i * block, block), block)
-            q, do = q_ref[sl, g, :], do_ref[sl, g, :]
             mask = _gpu_mask(spec, i * block + jnp.arange(block, dtype=jnp.int32), qseg_ref[sl], qblk_ref[sl],
                              _columns(sel_ref, sl, g), k_pos, k_seg, k_blk)
-            p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse_ref[g, sl][:, None]), 0.0)  # [t, s]
-            dv = dv + _dot(p.T.astype(do.dtype), do)
-            ds = p * (_dot(do, v, trans_b=True) - delta_ref[g, sl][:, None])
-            return dk + _dot(ds.T.astype(q.dtype), q), dv
+            return dkv_step(carry, q_ref[sl, g, :], k, v, do_ref[sl, g, :], lse_ref[g, sl], delta_ref[g, sl], mask,
+                            scale)
 
         dk, dv = jax.lax.fori_loop(0, count_ref[g, 0], visit, (dk, dv))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
@@ -234,11 +257,13 @@ def _group_specs(N, K, T, D, R, M, block):
     )
 
 
-def _forward(q, k, v, meta, spec, scale, block, interpret, target):
+def _forward(q, k, v, meta, spec, scale, block, interpret, target, out_dtype=None):
+    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` of the listed tiles."""
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     if target == "mosaic_tpu":
         from pallas_kernels import block_sparse_flash_tpu
 
-        return block_sparse_flash_tpu.forward(q, k, v, meta, spec, scale, block, interpret)
+        return block_sparse_flash_tpu.forward(q, k, v, meta, spec, scale, block, interpret, out_dtype)
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     if T % block:  # the grid would drop the tail rows
@@ -251,18 +276,22 @@ def _forward(q, k, v, meta, spec, scale, block, interpret, target):
         in_specs=[s["lists"], s["count"], s["q_tile"], s["kv_whole"], s["kv_whole"], s["tok_tile"],
                   s["tok_whole"], s["tok_tile"], s["tok_whole"], s["sel_tile"]],
         out_specs=[s["q_tile"], s["row_tile"]],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_fwd",
     )(fwd_lists, fwd_count[..., None], q, k, v, seg, seg, blk, blk, sel)
 
 
-def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
+def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target, grad_dtype=None):
+    """``(dq, dk, dv)`` in ``grad_dtype`` (default: the dtypes of q, k, v) from the output ``o``, its ``lse`` and
+    cotangent ``do`` (``o``/``lse`` may be those of a larger attention this one is part of: the gradient of each
+    listed key is the same)."""
     if target == "mosaic_tpu":
         from pallas_kernels import block_sparse_flash_tpu
 
-        return block_sparse_flash_tpu.backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret)
+        return block_sparse_flash_tpu.backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret,
+                                               grad_dtype)
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
@@ -275,7 +304,7 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
         in_specs=[s["lists"], s["count"], s["q_tile"], s["kv_whole"], s["kv_whole"], s["q_tile"], s["row_tile"],
                   s["row_tile"], s["tok_tile"], s["tok_whole"], s["tok_tile"], s["tok_whole"], s["sel_tile"]],
         out_specs=s["q_tile"],
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_dq",
@@ -288,7 +317,8 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target):
                   sg["row_whole"], sg["row_whole"], sg["tok_whole"], sg["tok_tile"], sg["tok_whole"], sg["tok_tile"],
                   sg["sel_whole"]],
         out_specs=[sg["kv_tile"], sg["kv_tile"]],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, grad_dtype or k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, grad_dtype or v.dtype)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_dkv",

@@ -229,8 +229,9 @@ def _layout(q, k, v, seg, blk, sel):
             heads(sel))
 
 
-def forward(q, k, v, meta, spec, scale, block, interpret):
-    """``(o [B, T, N, D], lse [B, N, T] float32)`` as ``block_sparse_flash._forward``."""
+def forward(q, k, v, meta, spec, scale, block, interpret, out_dtype=None):
+    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` as
+    ``block_sparse_flash._forward``."""
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     _check_tile(T, block, interpret)
@@ -246,7 +247,8 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
             out_specs=[s["head_own"], s["stat_own"]],
             scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, 1), jnp.float32),
                             pltpu.VMEM((block, 1), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q_.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(q_.shape, out_dtype or q.dtype),
+                   jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)],
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_fwd_tpu",
@@ -254,8 +256,9 @@ def forward(q, k, v, meta, spec, scale, block, interpret):
     return _swap_time_heads(o), lse[..., 0]
 
 
-def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
-    """``(dq, dk, dv)`` as ``block_sparse_flash._backward``; the dK/dV kernel sums each GQA group in VMEM."""
+def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtype=None):
+    """``(dq, dk, dv)`` as ``block_sparse_flash._backward`` (in ``grad_dtype``, default the input dtypes); the
+    dK/dV kernel sums each GQA group in VMEM."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
@@ -273,7 +276,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
                       s["col_own"], s["row_listed"], s["col_own"], s["row_listed"], s["sel_own"]],
             out_specs=s["head_own"],
             scratch_shapes=[pltpu.VMEM((block, D), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q_.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q_.shape, grad_dtype or q.dtype),
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
         name="block_sparse_flash_dq_tpu",
@@ -281,7 +284,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret):
     lists, counts, dims = _scalar_operands(bwd_lists, bwd_count, interpret)
     width = dims[2]
     sk = _dkv_specs(N, K, D, sel.shape[-1], block, dims)
-    kv_shape = jax.ShapeDtypeStruct(k_.shape, k.dtype)
+    kv_shape = jax.ShapeDtypeStruct(k_.shape, grad_dtype or k.dtype)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block, group=N // K, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(

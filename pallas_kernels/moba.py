@@ -6,7 +6,8 @@ block indices, -1 = none). From it, ``moba_tile_lists`` builds for every (row, h
 list of key tiles covering the union of the tile's own blocks and selected blocks (a difference array over key
 tiles, then a cumulative sum: no ``[T, T]`` array), and the transposed lists for the dK/dV kernel. The kernel
 (``block_sparse_flash``) masks per token: same segment, causal, key in the query's own block or one of its
-selected blocks.
+selected blocks. That is ``algorithm="union"``; it does dense causal work when a tile's tokens select different
+blocks, so on GPU the default is ``algorithm="gathered"`` (``moba_gathered``: work = the selected pairs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention, tile_lists
+from pallas_kernels.moba_gathered import moba_gathered_attention
 from pallas_kernels.platform import default_interpret, resolve_target
+
+ALGORITHMS = ("gathered", "union")
 
 
 def _pad_time(x: jax.Array, size: int, value=0) -> jax.Array:
@@ -64,8 +68,9 @@ def moba_flash_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     target: str | None = None,
+    algorithm: str | None = None,
 ) -> jax.Array:
-    """MoBA attention with the Pallas block-sparse kernel (forward and backward).
+    """MoBA attention with Pallas kernels (forward and backward).
 
     Args:
       q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]`` (GQA, ``N % K == 0``).
@@ -75,6 +80,10 @@ def moba_flash_attention(
       chunk_size: MoBA block size C. scale: default ``D ** -0.5``.
       block_sizes: kernel tile (default ``BlockSizes.get_default(T)``). interpret: default True on CPU.
       target: ``"triton"`` or ``"mosaic_tpu"`` kernels (default by backend, ``pallas_kernels.platform``).
+      algorithm: ``"gathered"`` (``moba_gathered``: own block + gathered (token, selected block) rows; work =
+        the selected pairs) or ``"union"`` (per query tile, the union of its tokens' selected key tiles; dense
+        causal work when they differ). Default: gathered on the Triton target; union on TPU (the only one with a
+        TPU-style kernel so far).
     Returns:
       ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
     """
@@ -84,8 +93,22 @@ def moba_flash_attention(
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} (need N % K == 0)")
     if sel.shape[:3] != (B, T, N) or seg.shape != (B, T) or pos.shape != (B, T):
         raise ValueError(f"metadata shapes: sel{sel.shape} seg{seg.shape} pos{pos.shape} for q{q.shape}")
+    target = resolve_target(target)
+    algorithm = algorithm or ("union" if target == "mosaic_tpu" else "gathered")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
+    if algorithm == "gathered" and target != "triton":
+        raise ValueError("algorithm='gathered' has GPU-style (target='triton') kernels only; use 'union' on TPU")
     block = (block_sizes or BlockSizes.get_default(T)).block
     Tp = -(-T // block) * block
+    scale = D ** -0.5 if scale is None else scale
+    interpret = default_interpret() if interpret is None else interpret
+    if algorithm == "gathered":
+        q, k, v = (_pad_time(x, Tp) for x in (q, k, v))
+        o = moba_gathered_attention(q, k, v, _pad_time(jax.lax.stop_gradient(sel).astype(jnp.int32), Tp, -1),
+                                    _pad_time(seg.astype(jnp.int32), Tp), _pad_time(pos.astype(jnp.int32), Tp),
+                                    chunk_size, float(scale), block, interpret)
+        return o[:, :T]
     R = sel.shape[-1]
     Rp = 1 if R == 0 else 1 << (R - 1).bit_length()  # power of two for the Triton lowering
     sel = jnp.pad(sel.astype(jnp.int32), [(0, 0)] * 3 + [(0, Rp - R)], constant_values=-1)
@@ -93,8 +116,5 @@ def moba_flash_attention(
     seg, pos = _pad_time(seg.astype(jnp.int32), Tp), _pad_time(pos.astype(jnp.int32), Tp)
     sel = _pad_time(sel, Tp, -1)
     meta = moba_tile_lists(jax.lax.stop_gradient(sel), seg, pos, chunk_size, block) + (seg, pos // chunk_size, sel)
-    scale = D ** -0.5 if scale is None else scale
-    interpret = default_interpret() if interpret is None else interpret
-    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret,
-                               resolve_target(target))
+    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret, target)
     return o[:, :T]

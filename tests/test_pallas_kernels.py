@@ -26,7 +26,9 @@ import pytest
 
 from pallas_kernels.block_sparse_flash import MaskSpec, block_sparse_attention, block_sparse_attention_reference
 from pallas_kernels.block_sparse_flash import dense_mask
-from pallas_kernels.moba import moba_tile_lists
+from pallas_kernels.block_sparse_flash import BlockSizes
+from pallas_kernels.moba import moba_flash_attention, moba_tile_lists
+from pallas_kernels.moba_gathered import own_block_lists, row_capacity, selected_block_rows
 from spb2_jax.ops.attention import attention_reference
 from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_select_blocks
@@ -201,6 +203,107 @@ def test_core_equals_its_dense_twin():
     got = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), 32 ** -0.5, 16, True, "triton")
     want = block_sparse_attention_reference(q, k, v, labels, pos // 8, sel, MaskSpec(moba=True), 32 ** -0.5)
     check("core vs dense twin", "pallas-core/f32/fwd", got, want, 1e-4, F32_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- gathered MoBA
+ALGO_CASES = [(2, 64, 4, 2, 32, 16, "varlen"), (2, 45, 2, 2, 64, 16, "short"), (1, 1, 2, 1, 32, 16, "single"),
+              (2, 40, 8, 2, 32, 32, "leftpad")]
+
+
+def _awkward_selection(case, C, R):
+    """A selection as a caller might hand it in: random block indices from -1 up to past the own block, with
+    repeats — the own block, later blocks and repeats must add nothing (the dense mask's meaning)."""
+    B, T, N = case[:3]
+    rng = rng_for("awkward-sel", case, C, R)
+    seg = jnp.asarray(seg_ids(B, T, case[6]))
+    own = np.asarray(segment_positions(seg)) // C
+    sel = rng.integers(-1, own.max() + 2, size=(B, T, N, R))
+    sel[..., -1] = sel[..., 0]  # a repeat in every row
+    sel[:, ::3, :, 0] = own[:, ::3, None]  # the own block
+    return jnp.asarray(sel, jnp.int32), seg
+
+
+@pytest.mark.parametrize("algorithm", ["gathered", "union"])
+@pytest.mark.parametrize("case", params([(c,) for c in ALGO_CASES], map(_attn_id, ALGO_CASES),
+                                        lambda i: "short" in i or "T64" in i))
+def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
+    """``moba_flash_attention`` (both algorithms, GPU style) on a hand-made selection with -1, repeats, the own
+    block and later blocks vs ``block_sparse_attention_reference`` (dense mask): forward and gradients."""
+    C, R = 8, 3
+    sel, seg = _awkward_selection(case, C, R)
+    inputs, _ = _attn_inputs(case)
+    labels, pos = segment_labels(seg), segment_positions(seg)
+    scale = case[4] ** -0.5
+
+    def kernel(x):
+        return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=labels, pos=pos, chunk_size=C,
+                                     block_sizes=BlockSizes(case[5]), algorithm=algorithm),)
+
+    def dense(x):
+        return (block_sparse_attention_reference(x["q"], x["k"], x["v"], labels, pos // C, sel,
+                                                 MaskSpec(moba=True), scale),)
+
+    compare(f"pallas-moba-{algorithm}-awkward", kernel, dense, inputs, jnp.float32, 1,
+            cancellation=_single_key_cancellation(case, inputs))
+
+
+@pytest.mark.parametrize("case,C,topk", params(LIST_CASES, [f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in LIST_CASES],
+                                                lambda i: i.rsplit("-", 2)[0] in DEFAULT))
+def test_gathered_rows_hold_each_selected_pair_once(case, C, topk):
+    """``selected_block_rows``: every valid (token, selected block) pair is exactly one row, in a row tile whose
+    block is that block; no tile mixes blocks; tiles are ordered by block start; the row capacity is not
+    exceeded; and ``kv_first / kv_count`` name exactly the row tiles whose block overlaps each key tile."""
+    inputs, seg = _attn_inputs(case)
+    B, T, N, K, D, tile, layout = case
+    Tp = -(-T // tile) * tile
+    pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                   constant_values=val)
+    sel = moba_select_blocks(jnp.asarray(inputs["q"]), jnp.asarray(inputs["k"]), chunk_size=C, topk=topk,
+                             segment_ids=seg)
+    labels, pos, sel = pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
+    sr = [np.asarray(x) for x in selected_block_rows(sel, labels, pos, C, tile)]
+    rows, tile_lo, kv_first, kv_count = sr
+    assert rows.shape[-1] == row_capacity(Tp, topk - 1, C, tile) * tile
+    sel, labels, pos = np.asarray(sel), np.asarray(labels), np.asarray(pos)
+    nT = Tp // tile
+    for b, n in np.ndindex(B, N):
+        want = sorted((t, int(t - pos[b, t] + r * C)) for t in range(Tp) for r in set(sel[b, t, n].tolist())
+                      if labels[b, t] != 0 and 0 <= r < pos[b, t] // C)
+        lo_of_row = np.repeat(tile_lo[b, n], tile)
+        got = sorted((int(t), int(lo)) for t, lo in zip(rows[b, n], lo_of_row) if t >= 0)
+        assert got == want
+        used = tile_lo[b, n] < Tp
+        assert np.all(used[:used.sum()]) and np.all(np.diff(tile_lo[b, n][used]) >= 0)  # used tiles first, sorted
+        assert all(np.sum(rows[b, n, p * tile:(p + 1) * tile] >= 0) > 0 for p in np.flatnonzero(used))
+        for j in range(nT):
+            overlap = [p for p in np.flatnonzero(used)
+                       if tile_lo[b, n, p] < (j + 1) * tile and tile_lo[b, n, p] + C > j * tile]
+            assert list(range(kv_first[b, n, j], kv_first[b, n, j] + kv_count[b, n, j])) == overlap
+
+
+@pytest.mark.parametrize("case", params([(c,) for c in ATTN_CASES[1:]], map(_attn_id, ATTN_CASES[1:]),
+                                        lambda i: i in DEFAULT))
+@pytest.mark.parametrize("C", [8, 40])
+def test_own_block_lists_cover_exactly_the_own_block(case, C):
+    """Part A's band lists (forward and transposed) name exactly the tiles holding an own-block key, checked
+    against the dense mask with no selection."""
+    B, T, N, K, D, tile, layout = case
+    Tp = -(-T // tile) * tile
+    seg = jnp.pad(jnp.asarray(seg_ids(B, T, layout)), [(0, 0), (0, Tp - T)])
+    labels, pos = segment_labels(seg), segment_positions(seg)
+    fwd, fwd_n, bwd, bwd_n = (np.asarray(x) for x in own_block_lists(labels, pos, C, tile, N))
+    none = jnp.full((B, Tp, N, 1), -1, jnp.int32)
+    mask = np.asarray(dense_mask(labels, pos // C, none, MaskSpec(moba=True)))
+    nT = Tp // tile
+    want = mask.reshape(B, N, nT, tile, nT, tile).any(axis=(3, 5))
+    got, got_t = np.zeros_like(want), np.zeros_like(want)
+    for b, n, i in np.ndindex(B, N, nT):
+        got[b, n, i, fwd[b, n, i, :fwd_n[b, n, i]]] = True
+        got_t[b, n, bwd[b, n, i, :bwd_n[b, n, i]], i] = True
+    assert np.all(got >= want) and np.all(got_t >= want)  # a superset: correctness
+    rows_with_tokens = (np.asarray(labels).reshape(B, nT, tile) != 0).any(-1)[:, None, :, None]
+    np.testing.assert_array_equal(got & rows_with_tokens, want)  # contiguous bands: exact where tokens are
+    assert fwd.shape[-1] <= -(-(C - 1) // tile) + 1
 
 
 # ----------------------------------------------------------------------------------------------- bfloat16

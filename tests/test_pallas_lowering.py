@@ -40,14 +40,17 @@ def _with_grad(attend):
     return lambda q, k, v: jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
 
+@pytest.mark.parametrize("algorithm", ["gathered", "union"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_moba_kernel_lowers_to_triton(dtype):
+def test_moba_kernel_lowers_to_triton(dtype, algorithm):
     seg = jnp.ones((B, T), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    sel = jnp.full((B, T, N, 3), -1, jnp.int32)  # topk 4: three earlier blocks (padded to 4 columns)
+    sel = jnp.full((B, T, N, 3), -1, jnp.int32)  # topk 4: three earlier blocks (padded to 4 columns for union)
     attend = lambda q, k, v: moba_flash_attention(q, k, v, sel=sel, seg=seg, pos=pos, chunk_size=64,  # noqa: E731
-                                                  interpret=False)
-    _lower_for_cuda(_with_grad(attend), *_qkv(dtype))
+                                                  interpret=False, target="triton", algorithm=algorithm)
+    text = _lower_for_cuda(_with_grad(attend), *_qkv(dtype))
+    names = ("moba_rows_fwd", "moba_rows_dq", "moba_rows_dkv")
+    assert all((name in text) == (algorithm == "gathered") for name in names)
 
 
 def test_sliding_window_kernel_lowers_to_triton():

@@ -8,7 +8,9 @@ Shapes (issue 5): B=1, 32 query / 8 kv heads, head dim 128, bfloat16; MoBA 4096/
 window 128, dense causal attention; gated delta rule B=1, H=32 (K=V=128, float32 state, chunk 64).
 For each: forward time of ``impl="pallas"`` and ``impl="xla"`` (median of ``--repeats`` after a compiling call),
 forward+backward for the attention kernels, and the kernel's TFLOP/s: attention counts ``4 D`` flops per
-(query, key) pair in the visited tiles (what the kernel executes), GDN ``2 * 3 K V`` per token and head plus the
+(query, key) pair the kernel must visit (MoBA: ``T (C topk + tile)``, the gathered kernel's work; the
+query-major ``union`` kernel, timed in the "other" column as fwd / fwd+bwd, visits every causal tile on random
+inputs), GDN ``2 * 3 K V`` per token and head plus the
 intra-chunk terms. Optional baselines in the same run when importable (GPU machine only): the
 ``flash-linear-attention`` Triton kernel ``chunk_gated_delta_rule`` and ``flash_attn_func`` (dense causal).
 """
@@ -16,6 +18,7 @@ intra-chunk terms. Optional baselines in the same run when importable (GPU machi
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -26,7 +29,10 @@ from tqdm import tqdm
 from bench_ops import measure  # same folder: tools/ is sys.path[0] when run as a script
 
 from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
-from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
+from pallas_kernels.block_sparse_flash import BlockSizes
+from pallas_kernels.moba import moba_flash_attention
+from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_select_blocks
+from spb2_jax.ops.segments import segment_positions
 from spb2_jax.ops.sliding_window import sliding_window_attention
 
 # dense bf16 matmul peaks per chip (vendor sheets), matched as substrings of jax's device_kind, first match wins
@@ -40,8 +46,23 @@ def _peak() -> float | None:
 
 
 def _time(fn, args, repeats):
-    """Median seconds of ``jax.jit(fn)(*args)`` after a compiling call (``bench_ops.measure``, no memory cap)."""
-    return measure(fn, args, repeats, float("inf"))[0]
+    """Median seconds of ``jax.jit(fn)(*args)`` after a compiling call (``bench_ops.measure``, no memory cap);
+    ``inf`` when the device runs out of memory (printed as "OOM")."""
+    try:
+        return measure(fn, args, repeats, float("inf"))[0]
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return float("inf")
+
+
+def _moba_union(q, k, v, *, chunk_size, topk, block_size):
+    """MoBA with the query-major ``algorithm="union"`` Pallas kernel (same selection as ``moba_attention``)."""
+    seg = jnp.ones(q.shape[:2], jnp.int32)
+    sel = moba_select_blocks(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), chunk_size=chunk_size, topk=topk,
+                             segment_ids=seg)
+    return moba_flash_attention(q, k, v, sel=sel, seg=seg, pos=segment_positions(seg), chunk_size=chunk_size,
+                                block_sizes=BlockSizes.from_request(block_size, q.shape[1]), algorithm="union")
 
 
 def _attention_flops(T, N, D, visited_pairs_per_head):
@@ -75,8 +96,10 @@ def attention_rows(T, args, key):
         else:
             op = moba_attention
         res = {}
-        for impl in ("pallas", "xla"):
-            fwd = lambda q, k, v, impl=impl: op(q, k, v, block_size=tile, impl=impl, **kw)  # noqa: E731
+        impls = {impl: functools.partial(op, block_size=tile, impl=impl, **kw) for impl in ("pallas", "xla")}
+        if name.startswith("moba"):  # the query-major kernel, for comparison with the default (gathered) one
+            impls["pallas union kernel"] = functools.partial(_moba_union, block_size=tile, **kw)
+        for impl, fwd in impls.items():
             both = lambda q, k, v, fwd=fwd: jax.vjp(fwd, q, k, v)[1](do)  # noqa: E731
             res[impl] = [_time(fwd, (q, k, v), args.repeats), _time(both, (q, k, v), args.repeats)]
         if name.startswith("moba") or name == "causal":
@@ -143,7 +166,9 @@ def _torch_time(fn, repeats):
 
 
 def _fmt(s):
-    return "-" if s is None else (f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s")
+    if s is None:
+        return "-"
+    return "OOM" if s == float("inf") else (f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s")
 
 
 def main(argv=None):
@@ -171,7 +196,8 @@ def main(argv=None):
         for name, T_, res, flops, _ in rows:
             pf, pb = res["pallas"]
             xf, xb = res["xla"]
-            other = "; ".join(f"{k} {_fmt(v[0])}" for k, v in res.items() if k not in ("pallas", "xla")) or "-"
+            other = "; ".join(f"{k} {_fmt(v[0])}" + (f" / {_fmt(v[1])}" if v[1] is not None else "")
+                              for k, v in res.items() if k not in ("pallas", "xla")) or "-"
             tflops = flops / pf / 1e12
             pct = f"{100 * tflops / peak:.1f}%" if peak else "-"
             print(f"| {name} | {T_} | {_fmt(pf)} | {_fmt(xf)} | {_fmt(pb)} | {_fmt(xb)} | {other} | "

@@ -1,0 +1,358 @@
+"""MoBA attention in gathered form: the work is the selected (query, key) pairs, whatever the selection.
+
+The query-major kernel (``moba_flash_attention(..., algorithm="union")``) visits, per query tile, the union of the
+key tiles its tokens selected. When the tokens of a tile select different blocks — random inputs almost always
+do — that union is every earlier tile, and the kernel does dense causal work. Here each token's attention is split
+in two parts whose softmax statistics are merged per token:
+
+A. **Own block** (causal inside the block): the block-sparse core of ``block_sparse_flash`` with a narrow band of
+   key tiles per query tile (``own_block_lists``: at most ``ceil((C - 1) / block) + 1`` tiles, built in O(T)).
+B. **Selected earlier blocks**: every (token, selected block) pair is a *row*. Rows are grouped by block, each
+   group padded to whole tiles of ``block`` rows and ordered by block start (``selected_block_rows``); the
+   queries are gathered into that order, and one program per row tile attends to the ``C`` keys of its block.
+   All of them are visible (a selected block is complete and strictly earlier, in the token's segment), so the
+   only masking is of padding rows and of the key tiles' overhang past the block.
+
+Work: ``T * (k - 1) * C`` pairs per head for part B plus at most ``block - 1`` padding rows per block, and part A's
+band. Memory: ``T (k - 1)`` gathered rows per head (queries; float32 partial outputs; in the backward dO and
+float32 dQ rows) — linear in T, ``k - 1`` times the size of ``q``.
+
+Backward: the merged output and log-sum-exp give every (query, key) pair its probability, so each part computes
+its gradient contributions independently: part A with the core's dQ / dK / dV kernels, part B with a dQ kernel
+per row tile (rows scattered back to their tokens) and a dK / dV kernel per (kv head, key tile) that walks the
+row tiles whose block overlaps that key tile — a contiguous range, since row tiles are ordered by block start —
+for each query head of the GQA group in turn (the group's sum stays on chip).
+
+GPU style (Triton lowering) only for now: on TPU ``moba_flash_attention`` uses the union kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.block_sparse_flash import (MaskSpec, _backward, _forward, dkv_step, dq_step, lists_from_need,
+                                               softmax_finish, softmax_init, softmax_step)
+from pallas_kernels.platform import triton_params
+
+
+# ----------------------------------------------------------------------------------------------- metadata (XLA)
+
+def own_block_lists(seg: jax.Array, pos: jax.Array, chunk_size: int, block: int, heads: int):
+    """Tile lists of part A (own block, causal) for the block-sparse core, built in O(T): ``(fwd_lists,
+    fwd_count, bwd_lists, bwd_count)`` of shapes ``[B, heads, nT, W]`` / ``[B, heads, nT]``.
+
+    Token t at position ``pos`` of its segment needs keys ``[t - pos % C, t]``, so query tile i needs the
+    contiguous key tiles from ``first_i`` (the lowest own-block start among its tokens, in tiles) to i, never more
+    than ``W = ceil((C - 1) / block) + 1``; key tile j is needed by the query tiles i in ``[j, j + W)`` with
+    ``first_i <= j``. Padding tokens (``seg == 0``) need nothing (they only widen nothing: start = t)."""
+    B, T = seg.shape
+    nT = T // block
+    t = jnp.arange(T, dtype=jnp.int32)
+    start = jnp.where(seg != 0, t - pos % chunk_size, t)
+    first = start.reshape(B, nT, block).min(-1) // block  # [B, nT]
+    W = min(nT, -(-(chunk_size - 1) // block) + 1)
+    i = jnp.arange(nT, dtype=jnp.int32)
+    fwd = jnp.minimum(first[..., None] + jnp.arange(W, dtype=jnp.int32), i[:, None])  # past the count: i again
+    fwd_n = i - first + 1
+    cand = i[:, None] + jnp.arange(W, dtype=jnp.int32)  # [nT, W] query tiles that may need key tile j = row
+    need = (cand < nT) & (jnp.take(first, jnp.minimum(cand, nT - 1), axis=1) <= i[:, None])  # [B, nT, W]
+    order, bwd_n = lists_from_need(need)
+    bwd = jnp.minimum(i[:, None] + order, nT - 1)
+    heads_of = lambda x: jnp.broadcast_to(x[:, None], (B, heads) + x.shape[1:])  # noqa: E731
+    return heads_of(fwd), heads_of(fwd_n), heads_of(bwd), heads_of(bwd_n)
+
+
+class SelectedRows(NamedTuple):
+    """Part B's rows (see the module docstring), per batch row b and query head n.
+
+    rows: ``[B, N, P]`` int32 token of each row, -1 = padding row.
+    tile_lo: ``[B, N, nP]`` int32 first key of the block of each row tile (``T`` for an unused tile).
+    kv_first, kv_count: ``[B, N, nT]`` int32 the row tiles whose block overlaps key tile j:
+      ``kv_first[j] .. kv_first[j] + kv_count[j] - 1``.
+    """
+
+    rows: jax.Array
+    tile_lo: jax.Array
+    kv_first: jax.Array
+    kv_count: jax.Array
+
+
+def row_capacity(T: int, R: int, chunk_size: int, block: int) -> int:
+    """Number of row tiles ``nP`` that always suffices: at most ``T R`` pairs, and at most ``T // C`` distinct
+    selectable blocks (complete, disjoint) each padding its group by at most ``block - 1`` rows."""
+    return max(1, -(-(T * R + (T // chunk_size) * (block - 1)) // block))
+
+
+def _valid_selection(sel, own):
+    """``sel [..., R] >= 0`` naming a strictly earlier block (own block index ``own [...]``), each block once."""
+    ok = (sel >= 0) & (sel < own[..., None])
+    cols = [ok[..., 0]] if sel.shape[-1] else []
+    for r in range(1, sel.shape[-1]):
+        repeat = jnp.any(sel[..., :r] == sel[..., r:r + 1], axis=-1)
+        cols.append(ok[..., r] & ~repeat)
+    return jnp.stack(cols, axis=-1) if cols else ok
+
+
+def selected_block_rows(sel: jax.Array, seg: jax.Array, pos: jax.Array, chunk_size: int, block: int
+                        ) -> SelectedRows:
+    """Part B's rows from ``sel [B, T, N, R]`` (segment-relative block indices; -1, the own block, later blocks
+    and repeats are ignored), ``seg``/``pos [B, T]``; ``T`` a multiple of ``block``. O(T R log(T R)) (one sort)."""
+    B, T, N, R = sel.shape
+    C = chunk_size
+    nP = row_capacity(T, R, C, block)
+    P, nT = nP * block, T // block
+    t = jnp.arange(T, dtype=jnp.int32)
+    s = jnp.moveaxis(sel.astype(jnp.int32), 2, 1)  # [B, N, T, R]
+    ok = _valid_selection(s, jnp.broadcast_to((pos // C)[:, None], (B, N, T))) & (seg != 0)[:, None, :, None]
+    lo = (t - pos)[:, None, :, None] + s * C  # first key of each selected block
+    key = jnp.where(ok, lo, T).reshape(B, N, T * R)  # T = no block (sorts last)
+
+    def one(key):  # [T R] -> this (b, n)'s rows
+        order = jnp.argsort(key, stable=True).astype(jnp.int32)
+        skey = key[order]
+        count = jnp.bincount(key, length=T + 1)[:T]  # rows per block start
+        tiles = -(-count // block)
+        tile_off = jnp.cumsum(tiles) - tiles
+        row_off = jnp.cumsum(count) - count
+        g = jnp.minimum(skey, T - 1)
+        dest = jnp.where(skey < T, tile_off[g] * block + jnp.arange(T * R, dtype=jnp.int32) - row_off[g], P)
+        rows = jnp.full((P,), -1, jnp.int32).at[dest].set(order // R, mode="drop")
+        marks = jnp.full((nP,), -1, jnp.int32).at[jnp.where(tiles > 0, tile_off, nP)].max(t, mode="drop")
+        used = jnp.arange(nP) < tiles.sum()
+        tile_lo = jnp.where(used, jax.lax.cummax(marks), T)
+        first_kt = tile_lo // block  # nT for unused tiles
+        last_kt = jnp.where(used, (tile_lo + C - 1) // block, nT)
+        j = jnp.arange(nT, dtype=jnp.int32)
+        kv_first = jnp.searchsorted(last_kt, j, side="left").astype(jnp.int32)
+        kv_end = jnp.searchsorted(first_kt, j, side="right").astype(jnp.int32)
+        return rows, tile_lo, kv_first, jnp.maximum(kv_end - kv_first, 0)
+
+    return SelectedRows(*jax.vmap(jax.vmap(one))(key))
+
+
+def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x [B, T, N, ...]`` -> ``[B, N, P, ...]`` at the rows' tokens (padding rows read token 0)."""
+    xt = jnp.moveaxis(x, 2, 1)
+    idx = jnp.maximum(rows, 0).reshape(rows.shape + (1,) * (xt.ndim - 3))
+    return jnp.take_along_axis(xt, idx, axis=2)
+
+
+def _segment(fn, data, rows, T):
+    """Per (b, n): ``fn(data[rows == t])`` for every token t (``jax.ops.segment_*``; padding rows dropped)."""
+    ids = jnp.where(rows < 0, T, rows)
+    return jax.vmap(jax.vmap(lambda d, i: fn(d, i, num_segments=T + 1)[:T]))(data, ids)
+
+
+def scatter_rows(y: jax.Array, rows: jax.Array, T: int) -> jax.Array:
+    """Sum of the rows ``y [B, N, P, D]`` per token: ``[B, T, N, D]``."""
+    return jnp.moveaxis(_segment(jax.ops.segment_sum, y, rows, T), 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+def _block_mask(live, lo, k_pos, chunk):
+    """Rows ``live [t]`` against keys ``k_pos [s]`` of the block ``[lo, lo + chunk)``."""
+    return live[:, None] & ((k_pos >= lo) & (k_pos < lo + chunk))[None, :]
+
+
+def _key_tiles(lo, block, chunk, seq_len):
+    """First key tile of the block starting at ``lo`` and how many tiles it spans (0 for an unused row tile)."""
+    first = lo // block
+    return first, jnp.where(lo < seq_len, (lo + chunk - 1) // block - first + 1, 0)
+
+
+def _rows_fwd_kernel(lo_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, chunk, seq_len):
+    lo = lo_ref[0]
+    q, live = q_ref[...], rows_ref[...] >= 0
+    first, count = _key_tiles(lo, block, chunk, seq_len)
+
+    def visit(c, carry):
+        j = first + c
+        sl = pl.ds(pl.multiple_of(j * block, block), block)
+        mask = _block_mask(live, lo, j * block + jnp.arange(block, dtype=jnp.int32), chunk)
+        return softmax_step(carry, q, k_ref[sl, :], v_ref[sl, :], mask, scale)
+
+    o, lse = softmax_finish(*jax.lax.fori_loop(0, count, visit, softmax_init(block, q.shape[-1])))
+    o_ref[...] = o
+    lse_ref[...] = lse
+
+
+def _rows_dq_kernel(lo_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block,
+                    chunk, seq_len):
+    lo = lo_ref[0]
+    q, do, live = q_ref[...], do_ref[...], rows_ref[...] >= 0
+    lse, delta = lse_ref[...], delta_ref[...]
+    first, count = _key_tiles(lo, block, chunk, seq_len)
+
+    def visit(c, dq):
+        j = first + c
+        sl = pl.ds(pl.multiple_of(j * block, block), block)
+        mask = _block_mask(live, lo, j * block + jnp.arange(block, dtype=jnp.int32), chunk)
+        return dq_step(dq, q, k_ref[sl, :], v_ref[sl, :], do, lse, delta, mask, scale)
+
+    dq_ref[...] = jax.lax.fori_loop(0, count, visit, jnp.zeros(q.shape, jnp.float32)) * scale
+
+
+def _rows_dkv_kernel(first_ref, count_ref, lo_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                     dk_ref, dv_ref, *, scale, block, chunk):
+    """One (row, kv head, key tile) program: for each query head of the GQA group, the row tiles whose block
+    overlaps this key tile; the group's dK/dV accumulate in registers."""
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    k_pos = j * block + jnp.arange(block, dtype=jnp.int32)
+    dk = dv = jnp.zeros(k.shape, jnp.float32)
+    for g in range(first_ref.shape[0]):  # static: the group's query heads
+
+        def visit(c, carry, g=g):
+            p = first_ref[g, 0] + c
+            sl = pl.ds(pl.multiple_of(p * block, block), block)
+            mask = _block_mask(rows_ref[g, sl] >= 0, lo_ref[g, p], k_pos, chunk)
+            return dkv_step(carry, q_ref[g, sl, :], k, v, do_ref[g, sl, :], lse_ref[g, sl], delta_ref[g, sl], mask,
+                            scale)
+
+        dk, dv = jax.lax.fori_loop(0, count_ref[g, 0], visit, (dk, dv))
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
+
+
+def _row_specs(N, K, T, P, D, block):
+    """BlockSpecs of the row-tile grid (b, query head n, row tile p)."""
+    G = N // K
+    return dict(
+        lo=pl.BlockSpec((None, None, None, 1), lambda b, n, p: (b, n, p, 0)),
+        rows=pl.BlockSpec((None, None, block), lambda b, n, p: (b, n, p)),
+        tile=pl.BlockSpec((None, None, block, D), lambda b, n, p: (b, n, p, 0)),
+        kv_whole=pl.BlockSpec((None, T, None, D), lambda b, n, p: (b, 0, jax.lax.div(n, G), 0)),
+    )
+
+
+def _rows_forward(q_g, k, v, sr, scale, block, chunk, interpret):
+    """Part B forward: ``(o [B, N, P, D] float32, lse [B, N, P])`` of every row over its block."""
+    B, N, P, D = q_g.shape
+    T = k.shape[1]
+    s = _row_specs(N, k.shape[2], T, P, D, block)
+    return pl.pallas_call(
+        functools.partial(_rows_fwd_kernel, scale=scale, block=block, chunk=chunk, seq_len=T),
+        grid=(B, N, P // block),
+        in_specs=[s["lo"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"]],
+        out_specs=[s["tile"], s["rows"]],
+        out_shape=[jax.ShapeDtypeStruct((B, N, P, D), jnp.float32), jax.ShapeDtypeStruct((B, N, P), jnp.float32)],
+        interpret=interpret,
+        compiler_params=triton_params(interpret),
+        name="moba_rows_fwd",
+    )(sr.tile_lo[..., None], sr.rows, q_g, k, v)
+
+
+def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, chunk, interpret):
+    """Part B backward: ``(dq rows [B, N, P, D], dk, dv [B, T, K, D])``, float32."""
+    B, N, P, D = q_g.shape
+    T, K = k.shape[1], k.shape[2]
+    G, nP = N // K, P // block
+    s = _row_specs(N, K, T, P, D, block)
+    dq_g = pl.pallas_call(
+        functools.partial(_rows_dq_kernel, scale=scale, block=block, chunk=chunk, seq_len=T),
+        grid=(B, N, nP),
+        in_specs=[s["lo"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"], s["tile"], s["rows"], s["rows"]],
+        out_specs=s["tile"],
+        out_shape=jax.ShapeDtypeStruct((B, N, P, D), jnp.float32),
+        interpret=interpret,
+        compiler_params=triton_params(interpret),
+        name="moba_rows_dq",
+    )(sr.tile_lo[..., None], sr.rows, q_g, k, v, do_g, lse_g, delta_g)
+    group = lambda *shape: pl.BlockSpec((None, G) + shape, lambda b, kv, j: (b, kv) + (0,) * len(shape))  # noqa
+    key_tile = pl.BlockSpec((None, None, G, None, 1), lambda b, kv, j: (b, kv, 0, j, 0))
+    kv_tile = pl.BlockSpec((None, block, None, D), lambda b, kv, j: (b, j, kv, 0))
+    grouped = lambda x: x.reshape((B, K, G) + x.shape[2:])  # noqa: E731  [B, N, ...] -> [B, K, G, ...]
+    kv_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+    dk, dv = pl.pallas_call(
+        functools.partial(_rows_dkv_kernel, scale=scale, block=block, chunk=chunk),
+        grid=(B, K, T // block),
+        in_specs=[key_tile, key_tile, group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D), group(P),
+                  group(P)],
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[kv_shape, kv_shape],
+        interpret=interpret,
+        compiler_params=triton_params(interpret),
+        name="moba_rows_dkv",
+    )(grouped(sr.kv_first[..., None]), grouped(sr.kv_count[..., None]), sr.tile_lo, sr.rows, q_g, k, v, do_g,
+      lse_g, delta_g)
+    return dq_g, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+def _merge(o_a, lse_a, o_g, lse_g, rows):
+    """Per token, the softmax over both parts: ``(o [B, T, N, D] float32, lse [B, N, T])`` from part A's ``o_a
+    [B, T, N, D]``, ``lse_a [B, N, T]`` and part B's rows (padding tokens: part A's 0 and 0)."""
+    T = o_a.shape[1]
+    m = jnp.maximum(lse_a, _segment(jax.ops.segment_max, lse_g, rows, T))
+    m_rows = jnp.take_along_axis(m, jnp.maximum(rows, 0), axis=2)
+    total = jnp.exp(lse_a - m) + _segment(jax.ops.segment_sum, jnp.exp(lse_g - m_rows), rows, T)
+    lse = m + jnp.log(total)
+    w_rows = jnp.exp(lse_g - jnp.take_along_axis(lse, jnp.maximum(rows, 0), axis=2))
+    o = jnp.exp(lse_a - lse).transpose(0, 2, 1)[..., None] * o_a + scatter_rows(w_rows[..., None] * o_g, rows, T)
+    return o, lse
+
+
+def _own_meta(seg, pos, chunk, block, heads):
+    B, T = seg.shape
+    none = jnp.full((B, T, heads, 1), -1, jnp.int32)  # no selected blocks: the MoBA mask is the own block alone
+    return own_block_lists(seg, pos, chunk, block, heads) + (seg, pos // chunk, none)
+
+
+def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
+    B, T, N, D = q.shape
+    meta = _own_meta(seg, pos, chunk, block, N)
+    o_a, lse_a = _forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret, "triton", jnp.float32)
+    if sel.shape[-1] == 0:  # topk 1: the own block alone
+        return o_a.astype(q.dtype), lse_a, meta, None
+    sr = selected_block_rows(sel, seg, pos, chunk, block)
+    o_g, lse_g = _rows_forward(gather_rows(q, sr.rows), k, v, sr, scale, block, chunk, interpret)
+    o, lse = _merge(o_a, lse_a, o_g, lse_g, sr.rows)
+    return o.astype(q.dtype), lse, meta, sr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def moba_gathered_attention(q, k, v, sel, seg, pos, chunk: int, scale: float, block: int, interpret: bool):
+    """MoBA attention (own block causal + selected earlier blocks, per token and head) in gathered form.
+
+    Args:
+      q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]``; ``T`` a multiple of ``block`` (pad with segment 0).
+      sel: ``[B, T, N, R]`` int32 selected blocks (segment-relative; -1, the own block, later blocks and repeats
+        add nothing). seg: ``[B, T]`` segment labels (0 = padding). pos: ``[B, T]`` position in the segment.
+      chunk: MoBA block size C. scale: logit scale. block: tile of queries, keys and rows (a power of two).
+      interpret: run the kernels in interpret mode (CPU).
+    Returns:
+      ``[B, T, N, D]`` in ``q.dtype`` (padding rows 0).
+    """
+    return _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret)[0]
+
+
+def _vjp_fwd(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
+    o, lse, meta, sr = _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret)
+    return o, (q, k, v, o, lse, meta, sr, sel, seg, pos)
+
+
+def _vjp_bwd(chunk, scale, block, interpret, res, do):
+    q, k, v, o, lse, meta, sr, sel, seg, pos = res
+    T = q.shape[1]
+    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, MaskSpec(moba=True), scale, block, interpret, "triton",
+                           jnp.float32)
+    none = lambda x: None  # noqa: E731  integer inputs: no cotangent
+    ints = tuple(none(x) for x in (sel, seg, pos))
+    if sr is None:
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
+    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+    at_rows = lambda x: jnp.take_along_axis(x, jnp.maximum(sr.rows, 0), axis=2)  # noqa: E731  [B, N, T] -> rows
+    dq_g, dk_b, dv_b = _rows_backward(gather_rows(q, sr.rows), k, v, gather_rows(do, sr.rows), at_rows(lse),
+                                      at_rows(delta), sr, scale, block, chunk, interpret)
+    dq = dq + scatter_rows(dq_g, sr.rows, T)
+    return (dq.astype(q.dtype), (dk + dk_b).astype(k.dtype), (dv + dv_b).astype(v.dtype)) + ints
+
+
+moba_gathered_attention.defvjp(_vjp_fwd, _vjp_bwd)
