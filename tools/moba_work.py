@@ -1,0 +1,71 @@
+"""Counts (not a timing, runs anywhere): the attention work of the two MoBA kernel algorithms on random inputs.
+
+    python tools/moba_work.py                      # T = 8k, 32k, 128k; MoBA 512/4 and 4096/12; tile 128
+    python tools/moba_work.py --lens 8192 --heads 2
+
+For each T and (C, topk): the (query, key) pairs the kernels compute, as a fraction of dense causal attention's
+``T (T + 1) / 2``:
+- ``union``: the query-major kernel visits, per query tile, every key tile in the union of its tokens' own and
+  selected blocks (``moba_tile_lists`` counts) — ``tile * tile`` pairs per visit;
+- ``gathered``: part A's band (own block, ``own_block_lists`` counts) plus one ``tile x tile`` pair block per
+  (row tile, key tile of its block) of part B (``selected_block_rows``);
+- ``needed``: the pairs MoBA's mask keeps (own block causal + ``C`` per valid selected block).
+Selections come from ``moba_select_blocks`` on standard-normal q, k (one kv head; per-head statistics do not
+depend on the head count, so a few heads suffice).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from pallas_kernels.moba import moba_tile_lists
+from pallas_kernels.moba_gathered import own_block_lists, selected_block_rows
+from spb2_jax.ops.moba_blockwise import moba_select_blocks
+
+
+def work(T, C, topk, heads, tile, D=128):
+    """``(union, gathered, needed)`` pairs per head, averaged over ``heads``."""
+    ks = jax.random.split(jax.random.key(T + C), 2)
+    q = jax.random.normal(ks[0], (1, T, heads, D), jnp.float32)
+    k = jax.random.normal(ks[1], (1, T, 1, D), jnp.float32)
+    seg = jnp.ones((1, T), jnp.int32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    sel = jax.jit(lambda q, k: moba_select_blocks(q, k, chunk_size=C, topk=topk, segment_ids=seg))(q, k)
+
+    @jax.jit
+    def count(sel):
+        union = moba_tile_lists(sel, seg, pos, C, tile)[1].sum()
+        band = own_block_lists(seg, pos, C, tile, heads)[1].sum()
+        sr = selected_block_rows(sel, seg, pos, C, tile)
+        used = sr.tile_lo < T
+        spans = jnp.where(used, (sr.tile_lo + C - 1) // tile - sr.tile_lo // tile + 1, 0).sum()
+        valid = jnp.sum(sel >= 0)
+        return union, band + spans, valid
+
+    union, gathered, valid = (float(x) for x in count(sel))
+    own = sum(min(C, T - b) * (min(C, T - b) + 1) / 2 for b in range(0, T, C))  # own block, causal
+    per_visit = tile * tile / heads
+    return union * per_visit, gathered * per_visit, valid * C / heads + own
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lens", default="8192,32768,131072")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--tile", type=int, default=128)
+    args = p.parse_args(argv)
+    print("| T | MoBA C/topk | union kernel / causal | gathered kernel / causal | needed / causal |")
+    print("|---|---|---|---|---|")
+    for T in tqdm([int(x) for x in args.lens.split(",")], desc="T", leave=False):
+        for C, topk in ((512, 4), (4096, 12)):
+            causal = T * (T + 1) / 2
+            u, g, n = work(T, C, topk, args.heads, args.tile)
+            print(f"| {T} | {C}/{topk} | {u / causal:.3f} | {g / causal:.3f} | {n / causal:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
