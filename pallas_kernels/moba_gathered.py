@@ -15,7 +15,8 @@ B. **Selected earlier blocks**: every (token, selected block) pair is a *row*. R
 
 Work: ``T * (k - 1) * C`` pairs per head for part B plus at most ``block - 1`` padding rows per block, and part A's
 band. Memory: ``T (k - 1)`` gathered rows per head (queries; float32 partial outputs; in the backward dO and
-float32 dQ rows) — linear in T, ``k - 1`` times the size of ``q``.
+float32 dQ rows) — linear in T; part B runs one kv head (its GQA group of query heads) at a time
+(``lax.map``), so at most ``(k - 1) / K`` times the size of ``q`` (float32: twice that) is live at once.
 
 Backward: the merged output and log-sum-exp give every (query, key) pair its probability, so each part computes
 its gradient contributions independently: part A with the core's dQ / dK / dV kernels, part B with a dQ kernel
@@ -305,16 +306,36 @@ def _own_meta(seg, pos, chunk, block, heads):
     return own_block_lists(seg, pos, chunk, block, heads) + (seg, pos // chunk, none)
 
 
+def _by_kv_head(x, K):
+    """``[B, T, N, ...]`` -> ``[K, B, T, N // K, ...]`` (query heads grouped by their kv head, GQA)."""
+    B, T, N = x.shape[:3]
+    return jnp.moveaxis(x.reshape((B, T, K, N // K) + x.shape[3:]), 2, 0)
+
+
+def _from_kv_heads(x):
+    """Inverse of ``_by_kv_head``."""
+    K, B, T, G = x.shape[:4]
+    return jnp.moveaxis(x, 0, 2).reshape((B, T, K * G) + x.shape[4:])
+
+
 def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
     B, T, N, D = q.shape
+    K = k.shape[2]
     meta = _own_meta(seg, pos, chunk, block, N)
     o_a, lse_a = _forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret, "triton", jnp.float32)
     if sel.shape[-1] == 0:  # topk 1: the own block alone
         return o_a.astype(q.dtype), lse_a, meta, None
-    sr = selected_block_rows(sel, seg, pos, chunk, block)
-    o_g, lse_g = _rows_forward(gather_rows(q, sr.rows), k, v, sr, scale, block, chunk, interpret)
-    o, lse = _merge(o_a, lse_a, o_g, lse_g, sr.rows)
-    return o.astype(q.dtype), lse, meta, sr
+
+    def one_kv_head(x):  # part B and the merge for the query heads of one kv head: memory / K
+        q_h, k_h, v_h, sel_h, o_h, lse_h = x
+        sr = selected_block_rows(sel_h, seg, pos, chunk, block)
+        o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, chunk, interpret)
+        return _merge(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
+
+    lse_by_head = jnp.moveaxis(lse_a.reshape(B, K, N // K, T), 1, 0)  # [K, B, G, T]
+    o, lse, sr = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
+                                           _by_kv_head(sel, K), _by_kv_head(o_a, K), lse_by_head))
+    return _from_kv_heads(o).astype(q.dtype), jnp.moveaxis(lse, 0, 1).reshape(B, N, T), meta, sr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -340,19 +361,28 @@ def _vjp_fwd(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
 
 def _vjp_bwd(chunk, scale, block, interpret, res, do):
     q, k, v, o, lse, meta, sr, sel, seg, pos = res
-    T = q.shape[1]
     dq, dk, dv = _backward(q, k, v, o, lse, do, meta, MaskSpec(moba=True), scale, block, interpret, "triton",
                            jnp.float32)
     none = lambda x: None  # noqa: E731  integer inputs: no cotangent
     ints = tuple(none(x) for x in (sel, seg, pos))
     if sr is None:
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
+    B, T, N, _ = q.shape
+    K = k.shape[2]
     delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
-    at_rows = lambda x: jnp.take_along_axis(x, jnp.maximum(sr.rows, 0), axis=2)  # noqa: E731  [B, N, T] -> rows
-    dq_g, dk_b, dv_b = _rows_backward(gather_rows(q, sr.rows), k, v, gather_rows(do, sr.rows), at_rows(lse),
-                                      at_rows(delta), sr, scale, block, chunk, interpret)
-    dq = dq + scatter_rows(dq_g, sr.rows, T)
-    return (dq.astype(q.dtype), (dk + dk_b).astype(k.dtype), (dv + dv_b).astype(v.dtype)) + ints
+    by_head = lambda x: jnp.moveaxis(x.reshape(B, K, N // K, T), 1, 0)  # noqa: E731  [B, N, T] -> [K, B, G, T]
+
+    def one_kv_head(x):
+        q_h, k_h, v_h, do_h, lse_h, delta_h, sr_h = x
+        at_rows = lambda y: jnp.take_along_axis(y, jnp.maximum(sr_h.rows, 0), axis=2)  # noqa: E731
+        dq_g, dk_h, dv_h = _rows_backward(gather_rows(q_h, sr_h.rows), k_h, v_h, gather_rows(do_h, sr_h.rows),
+                                          at_rows(lse_h), at_rows(delta_h), sr_h, scale, block, chunk, interpret)
+        return scatter_rows(dq_g, sr_h.rows, T), dk_h, dv_h
+
+    dq_b, dk_b, dv_b = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
+                                                 _by_kv_head(do, K), by_head(lse), by_head(delta), sr))
+    dq, dk, dv = dq + _from_kv_heads(dq_b), dk + _from_kv_heads(dk_b), dv + _from_kv_heads(dv_b)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
 
 
 moba_gathered_attention.defvjp(_vjp_fwd, _vjp_bwd)
