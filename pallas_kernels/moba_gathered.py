@@ -50,11 +50,12 @@ def own_block_lists(seg: jax.Array, pos: jax.Array, chunk_size: int, block: int,
     Token t at position ``pos`` of its segment needs keys ``[t - pos % C, t]``, so query tile i needs the
     contiguous key tiles from ``first_i`` (the lowest own-block start among its tokens, in tiles) to i, never more
     than ``W = ceil((C - 1) / block) + 1``; key tile j is needed by the query tiles i in ``[j, j + W)`` with
-    ``first_i <= j``. Padding tokens (``seg == 0``) need nothing (they only widen nothing: start = t)."""
+    ``first_i <= j``. Padding tokens (``seg == 0``) need nothing (start = t). A segment whose positions do not
+    start at 0 has a partial first block: starts are clamped to the segment's first token."""
     B, T = seg.shape
     nT = T // block
     t = jnp.arange(T, dtype=jnp.int32)
-    start = jnp.where(seg != 0, t - pos % chunk_size, t)
+    start = jnp.where(seg != 0, jnp.maximum(t - pos % chunk_size, segment_start(seg)), t)
     first = start.reshape(B, nT, block).min(-1) // block  # [B, nT]
     W = min(nT, -(-(chunk_size - 1) // block) + 1)
     i = jnp.arange(nT, dtype=jnp.int32)
@@ -68,17 +69,27 @@ def own_block_lists(seg: jax.Array, pos: jax.Array, chunk_size: int, block: int,
     return heads_of(fwd), heads_of(fwd_n), heads_of(bwd), heads_of(bwd_n)
 
 
+def segment_start(seg: jax.Array) -> jax.Array:
+    """``[B, T]`` index of the first token of every token's run of equal labels."""
+    B, T = seg.shape
+    t = jnp.arange(T, dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(new, t, 0), axis=1)
+
+
 class SelectedRows(NamedTuple):
     """Part B's rows (see the module docstring), per batch row b and query head n.
 
     rows: ``[B, N, P]`` int32 token of each row, -1 = padding row.
-    tile_lo: ``[B, N, nP]`` int32 first key of the block of each row tile (``T`` for an unused tile).
+    tile_lo, tile_hi: ``[B, N, nP]`` int32 the keys ``[lo, hi)`` of the block of each row tile (``C`` keys, fewer
+      for the first block of a segment whose positions start past 0; ``lo = T`` for an unused tile).
     kv_first, kv_count: ``[B, N, nT]`` int32 the row tiles whose block overlaps key tile j:
       ``kv_first[j] .. kv_first[j] + kv_count[j] - 1``.
     """
 
     rows: jax.Array
     tile_lo: jax.Array
+    tile_hi: jax.Array
     kv_first: jax.Array
     kv_count: jax.Array
 
@@ -109,11 +120,15 @@ def selected_block_rows(sel: jax.Array, seg: jax.Array, pos: jax.Array, chunk_si
     P, nT = nP * block, T // block
     t = jnp.arange(T, dtype=jnp.int32)
     s = jnp.moveaxis(sel.astype(jnp.int32), 2, 1)  # [B, N, T, R]
+    nominal = (t - pos)[:, None, :, None] + s * C  # where block s would start if positions began at 0
+    first = segment_start(seg)[:, None, :, None]
+    lo, hi = jnp.maximum(nominal, first), nominal + C  # the block's keys [lo, hi) inside the segment
     ok = _valid_selection(s, jnp.broadcast_to((pos // C)[:, None], (B, N, T))) & (seg != 0)[:, None, :, None]
-    lo = (t - pos)[:, None, :, None] + s * C  # first key of each selected block
+    ok = ok & (hi > lo)
     key = jnp.where(ok, lo, T).reshape(B, N, T * R)  # T = no block (sorts last)
+    hi = jnp.where(ok, hi, 0).reshape(B, N, T * R)
 
-    def one(key):  # [T R] -> this (b, n)'s rows
+    def one(key, hi):  # [T R] -> this (b, n)'s rows
         order = jnp.argsort(key, stable=True).astype(jnp.int32)
         skey = key[order]
         count = jnp.bincount(key, length=T + 1)[:T]  # rows per block start
@@ -126,14 +141,16 @@ def selected_block_rows(sel: jax.Array, seg: jax.Array, pos: jax.Array, chunk_si
         marks = jnp.full((nP,), -1, jnp.int32).at[jnp.where(tiles > 0, tile_off, nP)].max(t, mode="drop")
         used = jnp.arange(nP) < tiles.sum()
         tile_lo = jnp.where(used, jax.lax.cummax(marks), T)
+        hi_of = jnp.zeros((T + 1,), jnp.int32).at[key].max(hi)  # one block per start: its end
+        tile_hi = jnp.where(used, hi_of[jnp.minimum(tile_lo, T)], 0)
         first_kt = tile_lo // block  # nT for unused tiles
-        last_kt = jnp.where(used, (tile_lo + C - 1) // block, nT)
+        last_kt = jnp.where(used, (tile_hi - 1) // block, nT)
         j = jnp.arange(nT, dtype=jnp.int32)
         kv_first = jnp.searchsorted(last_kt, j, side="left").astype(jnp.int32)
         kv_end = jnp.searchsorted(first_kt, j, side="right").astype(jnp.int32)
-        return rows, tile_lo, kv_first, jnp.maximum(kv_end - kv_first, 0)
+        return rows, tile_lo, tile_hi, kv_first, jnp.maximum(kv_end - kv_first, 0)
 
-    return SelectedRows(*jax.vmap(jax.vmap(one))(key))
+    return SelectedRows(*jax.vmap(jax.vmap(one))(key, hi))
 
 
 def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
@@ -156,26 +173,26 @@ def scatter_rows(y: jax.Array, rows: jax.Array, T: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------- kernels
 
-def _block_mask(live, lo, k_pos, chunk):
-    """Rows ``live [t]`` against keys ``k_pos [s]`` of the block ``[lo, lo + chunk)``."""
-    return live[:, None] & ((k_pos >= lo) & (k_pos < lo + chunk))[None, :]
+def _block_mask(live, lo, hi, k_pos):
+    """Rows ``live [t]`` against keys ``k_pos [s]`` of the block ``[lo, hi)``."""
+    return live[:, None] & ((k_pos >= lo) & (k_pos < hi))[None, :]
 
 
-def _key_tiles(lo, block, chunk, seq_len):
-    """First key tile of the block starting at ``lo`` and how many tiles it spans (0 for an unused row tile)."""
+def _key_tiles(lo, hi, block, seq_len):
+    """First key tile of the block ``[lo, hi)`` and how many tiles it spans (0 for an unused row tile)."""
     first = lo // block
-    return first, jnp.where(lo < seq_len, (lo + chunk - 1) // block - first + 1, 0)
+    return first, jnp.where(lo < seq_len, (hi - 1) // block - first + 1, 0)
 
 
-def _rows_fwd_kernel(lo_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, chunk, seq_len):
-    lo = lo_ref[0]
+def _rows_fwd_kernel(span_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, seq_len):
+    lo, hi = span_ref[0], span_ref[1]
     q, live = q_ref[...], rows_ref[...] >= 0
-    first, count = _key_tiles(lo, block, chunk, seq_len)
+    first, count = _key_tiles(lo, hi, block, seq_len)
 
     def visit(c, carry):
         j = first + c
         sl = pl.ds(pl.multiple_of(j * block, block), block)
-        mask = _block_mask(live, lo, j * block + jnp.arange(block, dtype=jnp.int32), chunk)
+        mask = _block_mask(live, lo, hi, j * block + jnp.arange(block, dtype=jnp.int32))
         return softmax_step(carry, q, k_ref[sl, :], v_ref[sl, :], mask, scale)
 
     o, lse = softmax_finish(*jax.lax.fori_loop(0, count, visit, softmax_init(block, q.shape[-1])))
@@ -183,24 +200,24 @@ def _rows_fwd_kernel(lo_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     lse_ref[...] = lse
 
 
-def _rows_dq_kernel(lo_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block,
-                    chunk, seq_len):
-    lo = lo_ref[0]
+def _rows_dq_kernel(span_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block,
+                    seq_len):
+    lo, hi = span_ref[0], span_ref[1]
     q, do, live = q_ref[...], do_ref[...], rows_ref[...] >= 0
     lse, delta = lse_ref[...], delta_ref[...]
-    first, count = _key_tiles(lo, block, chunk, seq_len)
+    first, count = _key_tiles(lo, hi, block, seq_len)
 
     def visit(c, dq):
         j = first + c
         sl = pl.ds(pl.multiple_of(j * block, block), block)
-        mask = _block_mask(live, lo, j * block + jnp.arange(block, dtype=jnp.int32), chunk)
+        mask = _block_mask(live, lo, hi, j * block + jnp.arange(block, dtype=jnp.int32))
         return dq_step(dq, q, k_ref[sl, :], v_ref[sl, :], do, lse, delta, mask, scale)
 
     dq_ref[...] = jax.lax.fori_loop(0, count, visit, jnp.zeros(q.shape, jnp.float32)) * scale
 
 
-def _rows_dkv_kernel(first_ref, count_ref, lo_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                     dk_ref, dv_ref, *, scale, block, chunk):
+def _rows_dkv_kernel(first_ref, count_ref, lo_ref, hi_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                     delta_ref, dk_ref, dv_ref, *, scale, block):
     """One (row, kv head, key tile) program: for each query head of the GQA group, the row tiles whose block
     overlaps this key tile; the group's dK/dV accumulate in registers."""
     j = pl.program_id(2)
@@ -212,7 +229,7 @@ def _rows_dkv_kernel(first_ref, count_ref, lo_ref, rows_ref, q_ref, k_ref, v_ref
         def visit(c, carry, g=g):
             p = first_ref[g, 0] + c
             sl = pl.ds(pl.multiple_of(p * block, block), block)
-            mask = _block_mask(rows_ref[g, sl] >= 0, lo_ref[g, p], k_pos, chunk)
+            mask = _block_mask(rows_ref[g, sl] >= 0, lo_ref[g, p], hi_ref[g, p], k_pos)
             return dkv_step(carry, q_ref[g, sl, :], k, v, do_ref[g, sl, :], lse_ref[g, sl], delta_ref[g, sl], mask,
                             scale)
 
@@ -225,63 +242,68 @@ def _row_specs(N, K, T, P, D, block):
     """BlockSpecs of the row-tile grid (b, query head n, row tile p)."""
     G = N // K
     return dict(
-        lo=pl.BlockSpec((None, None, None, 1), lambda b, n, p: (b, n, p, 0)),
+        span=pl.BlockSpec((None, None, None, 2), lambda b, n, p: (b, n, p, 0)),
         rows=pl.BlockSpec((None, None, block), lambda b, n, p: (b, n, p)),
         tile=pl.BlockSpec((None, None, block, D), lambda b, n, p: (b, n, p, 0)),
         kv_whole=pl.BlockSpec((None, T, None, D), lambda b, n, p: (b, 0, jax.lax.div(n, G), 0)),
     )
 
 
-def _rows_forward(q_g, k, v, sr, scale, block, chunk, interpret):
+def _spans(sr):
+    """``[B, N, nP, 2]``: each row tile's block ``[lo, hi)``."""
+    return jnp.stack([sr.tile_lo, sr.tile_hi], axis=-1)
+
+
+def _rows_forward(q_g, k, v, sr, scale, block, interpret):
     """Part B forward: ``(o [B, N, P, D] float32, lse [B, N, P])`` of every row over its block."""
     B, N, P, D = q_g.shape
     T = k.shape[1]
     s = _row_specs(N, k.shape[2], T, P, D, block)
     return pl.pallas_call(
-        functools.partial(_rows_fwd_kernel, scale=scale, block=block, chunk=chunk, seq_len=T),
+        functools.partial(_rows_fwd_kernel, scale=scale, block=block, seq_len=T),
         grid=(B, N, P // block),
-        in_specs=[s["lo"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"]],
+        in_specs=[s["span"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"]],
         out_specs=[s["tile"], s["rows"]],
         out_shape=[jax.ShapeDtypeStruct((B, N, P, D), jnp.float32), jax.ShapeDtypeStruct((B, N, P), jnp.float32)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="moba_rows_fwd",
-    )(sr.tile_lo[..., None], sr.rows, q_g, k, v)
+    )(_spans(sr), sr.rows, q_g, k, v)
 
 
-def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, chunk, interpret):
+def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret):
     """Part B backward: ``(dq rows [B, N, P, D], dk, dv [B, T, K, D])``, float32."""
     B, N, P, D = q_g.shape
     T, K = k.shape[1], k.shape[2]
     G, nP = N // K, P // block
     s = _row_specs(N, K, T, P, D, block)
     dq_g = pl.pallas_call(
-        functools.partial(_rows_dq_kernel, scale=scale, block=block, chunk=chunk, seq_len=T),
+        functools.partial(_rows_dq_kernel, scale=scale, block=block, seq_len=T),
         grid=(B, N, nP),
-        in_specs=[s["lo"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"], s["tile"], s["rows"], s["rows"]],
+        in_specs=[s["span"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"], s["tile"], s["rows"], s["rows"]],
         out_specs=s["tile"],
         out_shape=jax.ShapeDtypeStruct((B, N, P, D), jnp.float32),
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="moba_rows_dq",
-    )(sr.tile_lo[..., None], sr.rows, q_g, k, v, do_g, lse_g, delta_g)
+    )(_spans(sr), sr.rows, q_g, k, v, do_g, lse_g, delta_g)
     group = lambda *shape: pl.BlockSpec((None, G) + shape, lambda b, kv, j: (b, kv) + (0,) * len(shape))  # noqa
     key_tile = pl.BlockSpec((None, None, G, None, 1), lambda b, kv, j: (b, kv, 0, j, 0))
     kv_tile = pl.BlockSpec((None, block, None, D), lambda b, kv, j: (b, j, kv, 0))
     grouped = lambda x: x.reshape((B, K, G) + x.shape[2:])  # noqa: E731  [B, N, ...] -> [B, K, G, ...]
     kv_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
     dk, dv = pl.pallas_call(
-        functools.partial(_rows_dkv_kernel, scale=scale, block=block, chunk=chunk),
+        functools.partial(_rows_dkv_kernel, scale=scale, block=block),
         grid=(B, K, T // block),
-        in_specs=[key_tile, key_tile, group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D), group(P),
+        in_specs=[key_tile, key_tile, group(nP), group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D), group(P),
                   group(P)],
         out_specs=[kv_tile, kv_tile],
         out_shape=[kv_shape, kv_shape],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="moba_rows_dkv",
-    )(grouped(sr.kv_first[..., None]), grouped(sr.kv_count[..., None]), sr.tile_lo, sr.rows, q_g, k, v, do_g,
-      lse_g, delta_g)
+    )(grouped(sr.kv_first[..., None]), grouped(sr.kv_count[..., None]), sr.tile_lo, sr.tile_hi, sr.rows, q_g, k, v,
+      do_g, lse_g, delta_g)
     return dq_g, dk, dv
 
 
@@ -329,7 +351,7 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
     def one_kv_head(x):  # part B and the merge for the query heads of one kv head: memory / K
         q_h, k_h, v_h, sel_h, o_h, lse_h = x
         sr = selected_block_rows(sel_h, seg, pos, chunk, block)
-        o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, chunk, interpret)
+        o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, interpret)
         return _merge(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
 
     lse_by_head = jnp.moveaxis(lse_a.reshape(B, K, N // K, T), 1, 0)  # [K, B, G, T]
@@ -376,7 +398,7 @@ def _vjp_bwd(chunk, scale, block, interpret, res, do):
         q_h, k_h, v_h, do_h, lse_h, delta_h, sr_h = x
         at_rows = lambda y: jnp.take_along_axis(y, jnp.maximum(sr_h.rows, 0), axis=2)  # noqa: E731
         dq_g, dk_h, dv_h = _rows_backward(gather_rows(q_h, sr_h.rows), k_h, v_h, gather_rows(do_h, sr_h.rows),
-                                          at_rows(lse_h), at_rows(delta_h), sr_h, scale, block, chunk, interpret)
+                                          at_rows(lse_h), at_rows(delta_h), sr_h, scale, block, interpret)
         return scatter_rows(dq_g, sr_h.rows, T), dk_h, dv_h
 
     dq_b, dk_b, dv_b = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),

@@ -247,6 +247,35 @@ def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
             cancellation=_single_key_cancellation(case, inputs))
 
 
+@pytest.mark.parametrize("offsets", [(3,), (4,), (0, 4), (5, 9)], ids=lambda o: "pos0=" + "+".join(map(str, o)))
+def test_gathered_moba_with_positions_not_starting_at_zero(offsets):
+    """A segment whose positions start at p0 > 0 (a continuation) has a partial first block (and none at all
+    when p0 >= C): the gathered kernels clamp blocks to the segment, as the dense mask defines them. Two
+    segments of 20 and 12 tokens (or one of 32), every earlier block selected, R = 2 with a repeat."""
+    B, T, N, K, D, C = 1, 32, 2, 1, 16, 4
+    cuts = [0, 20, T] if len(offsets) == 2 else [0, T]
+    seg = np.zeros((B, T), np.int32)
+    pos = np.zeros((B, T), np.int32)
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        seg[:, a:b] = i + 1
+        pos[:, a:b] = offsets[i] + np.arange(b - a)
+    own = pos // C
+    sel = np.stack([np.maximum(own - 1, -1), np.maximum(own - 2, -1)], -1)[:, :, None].repeat(N, 2)
+    sel = jnp.asarray(sel, jnp.int32)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    inputs, _ = _attn_inputs((B, T, N, K, D, 16, "single"))
+
+    def kernel(x):
+        return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=seg, pos=pos, chunk_size=C,
+                                     block_sizes=BlockSizes(16), algorithm="gathered"),)
+
+    def dense(x):
+        return (block_sparse_attention_reference(x["q"], x["k"], x["v"], seg, pos // C, sel, MaskSpec(moba=True),
+                                                 D ** -0.5),)
+
+    compare("pallas-moba-gathered-pos0", kernel, dense, inputs, jnp.float32, 1)
+
+
 @pytest.mark.parametrize("case,C,topk", params(LIST_CASES, [f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in LIST_CASES],
                                                 lambda i: i.rsplit("-", 2)[0] in DEFAULT))
 def test_gathered_rows_hold_each_selected_pair_once(case, C, topk):
@@ -262,7 +291,7 @@ def test_gathered_rows_hold_each_selected_pair_once(case, C, topk):
                              segment_ids=seg)
     labels, pos, sel = pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
     sr = [np.asarray(x) for x in selected_block_rows(sel, labels, pos, C, tile)]
-    rows, tile_lo, kv_first, kv_count = sr
+    rows, tile_lo, tile_hi, kv_first, kv_count = sr
     assert rows.shape[-1] == row_capacity(Tp, topk - 1, C, tile) * tile
     sel, labels, pos = np.asarray(sel), np.asarray(labels), np.asarray(pos)
     nT = Tp // tile
@@ -273,11 +302,12 @@ def test_gathered_rows_hold_each_selected_pair_once(case, C, topk):
         got = sorted((int(t), int(lo)) for t, lo in zip(rows[b, n], lo_of_row) if t >= 0)
         assert got == want
         used = tile_lo[b, n] < Tp
+        np.testing.assert_array_equal(tile_hi[b, n][used], tile_lo[b, n][used] + C)  # positions from 0: whole blocks
         assert np.all(used[:used.sum()]) and np.all(np.diff(tile_lo[b, n][used]) >= 0)  # used tiles first, sorted
         assert all(np.sum(rows[b, n, p * tile:(p + 1) * tile] >= 0) > 0 for p in np.flatnonzero(used))
         for j in range(nT):
             overlap = [p for p in np.flatnonzero(used)
-                       if tile_lo[b, n, p] < (j + 1) * tile and tile_lo[b, n, p] + C > j * tile]
+                       if tile_lo[b, n, p] < (j + 1) * tile and tile_hi[b, n, p] > j * tile]
             assert list(range(kv_first[b, n, j], kv_first[b, n, j] + kv_count[b, n, j])) == overlap
 
 
