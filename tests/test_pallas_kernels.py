@@ -162,6 +162,18 @@ def test_causal_kernel(case):
             cancellation=_single_key_cancellation(case, inputs))
 
 
+def _padded_selection(case, C, topk):
+    """``(Tp, labels, pos, sel)``: the case's real MoBA selection and metadata, padded to whole tiles."""
+    inputs, seg = _attn_inputs(case)
+    T, tile = case[1], case[5]
+    Tp = -(-T // tile) * tile
+    pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                   constant_values=val)
+    sel = moba_select_blocks(jnp.asarray(inputs["q"]), jnp.asarray(inputs["k"]), chunk_size=C, topk=topk,
+                             segment_ids=seg)
+    return Tp, pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
+
+
 LIST_CASES = [(c, C, k) for c in ATTN_CASES[1:] for C, k in ((8, 3), (16, 2))]
 
 
@@ -170,14 +182,8 @@ LIST_CASES = [(c, C, k) for c in ATTN_CASES[1:] for C, k in ((8, 3), (16, 2))]
 def test_moba_tile_lists_are_exact(case, C, topk):
     """The lists hold exactly the key tiles that contain at least one unmasked key for some token of the query
     tile (superset: correctness; nothing more: no wasted visits), checked against the dense mask."""
-    inputs, seg = _attn_inputs(case)
     B, T, N, K, D, tile, layout = case
-    Tp = -(-T // tile) * tile
-    pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
-                                   constant_values=val)
-    sel = moba_select_blocks(jnp.asarray(inputs["q"]), jnp.asarray(inputs["k"]), chunk_size=C, topk=topk,
-                             segment_ids=seg)
-    labels, pos, sel = pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
+    Tp, labels, pos, sel = _padded_selection(case, C, topk)
     fwd, fwd_n, bwd, bwd_n = (np.asarray(x) for x in moba_tile_lists(sel, labels, pos, C, tile))
     mask = np.asarray(dense_mask(labels, pos // C, sel, MaskSpec(moba=True)))  # [B, N, Tp, Tp]
     nT = Tp // tile
@@ -282,14 +288,8 @@ def test_gathered_rows_hold_each_selected_pair_once(case, C, topk):
     """``selected_block_rows``: every valid (token, selected block) pair is exactly one row, in a row tile whose
     block is that block; no tile mixes blocks; tiles are ordered by block start; the row capacity is not
     exceeded; and ``kv_first / kv_count`` name exactly the row tiles whose block overlaps each key tile."""
-    inputs, seg = _attn_inputs(case)
     B, T, N, K, D, tile, layout = case
-    Tp = -(-T // tile) * tile
-    pad = lambda x, val=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
-                                   constant_values=val)
-    sel = moba_select_blocks(jnp.asarray(inputs["q"]), jnp.asarray(inputs["k"]), chunk_size=C, topk=topk,
-                             segment_ids=seg)
-    labels, pos, sel = pad(segment_labels(seg)), pad(segment_positions(seg)), pad(sel, -1)
+    Tp, labels, pos, sel = _padded_selection(case, C, topk)
     sr = [np.asarray(x) for x in selected_block_rows(sel, labels, pos, C, tile)]
     rows, tile_lo, tile_hi, kv_first, kv_count = sr
     assert rows.shape[-1] == row_capacity(Tp, topk - 1, C, tile) * tile
