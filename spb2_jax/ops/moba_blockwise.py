@@ -137,7 +137,8 @@ def moba_attention(
       segment_ids: ``[B, T]``, 0 = padding; blocks restart at every segment start.
       scale: default ``H ** -0.5``. block_size: query/key tile size of the attention loop.
       impl: ``"xla"`` (tile loop below) or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same
-        selection; interpret mode on CPU; its tile is ``block_size`` rounded to a power of two, at most 128).
+        selection — its gathered kernels on GPU, the query-major union kernel on TPU; interpret mode on CPU; its
+        tile is ``block_size`` rounded to a power of two, at most 128).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
