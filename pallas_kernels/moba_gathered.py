@@ -295,8 +295,8 @@ def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret)
     dk, dv = pl.pallas_call(
         functools.partial(_rows_dkv_kernel, scale=scale, block=block),
         grid=(B, K, T // block),
-        in_specs=[key_tile, key_tile, group(nP), group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D), group(P),
-                  group(P)],
+        in_specs=[key_tile, key_tile, group(nP), group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D),
+                  group(P), group(P)],
         out_specs=[kv_tile, kv_tile],
         out_shape=[kv_shape, kv_shape],
         interpret=interpret,
@@ -334,6 +334,12 @@ def _by_kv_head(x, K):
     return jnp.moveaxis(x.reshape((B, T, K, N // K) + x.shape[3:]), 2, 0)
 
 
+def _stats_by_kv_head(x, K):
+    """Per-token statistics ``[B, N, T]`` -> ``[K, B, N // K, T]``."""
+    B, N, T = x.shape
+    return jnp.moveaxis(x.reshape(B, K, N // K, T), 1, 0)
+
+
 def _from_kv_heads(x):
     """Inverse of ``_by_kv_head``."""
     K, B, T, G = x.shape[:4]
@@ -354,9 +360,8 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
         o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, interpret)
         return _merge(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
 
-    lse_by_head = jnp.moveaxis(lse_a.reshape(B, K, N // K, T), 1, 0)  # [K, B, G, T]
     o, lse, sr = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
-                                           _by_kv_head(sel, K), _by_kv_head(o_a, K), lse_by_head))
+                                           _by_kv_head(sel, K), _by_kv_head(o_a, K), _stats_by_kv_head(lse_a, K)))
     return _from_kv_heads(o).astype(q.dtype), jnp.moveaxis(lse, 0, 1).reshape(B, N, T), meta, sr
 
 
@@ -389,10 +394,8 @@ def _vjp_bwd(chunk, scale, block, interpret, res, do):
     ints = tuple(none(x) for x in (sel, seg, pos))
     if sr is None:
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
-    B, T, N, _ = q.shape
-    K = k.shape[2]
+    T, K = q.shape[1], k.shape[2]
     delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
-    by_head = lambda x: jnp.moveaxis(x.reshape(B, K, N // K, T), 1, 0)  # noqa: E731  [B, N, T] -> [K, B, G, T]
 
     def one_kv_head(x):
         q_h, k_h, v_h, do_h, lse_h, delta_h, sr_h = x
@@ -402,7 +405,8 @@ def _vjp_bwd(chunk, scale, block, interpret, res, do):
         return scatter_rows(dq_g, sr_h.rows, T), dk_h, dv_h
 
     dq_b, dk_b, dv_b = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
-                                                 _by_kv_head(do, K), by_head(lse), by_head(delta), sr))
+                                                 _by_kv_head(do, K), _stats_by_kv_head(lse, K),
+                                                 _stats_by_kv_head(delta, K), sr))
     dq, dk, dv = dq + _from_kv_heads(dq_b), dk + _from_kv_heads(dk_b), dv + _from_kv_heads(dv_b)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
 
