@@ -1,7 +1,7 @@
 """Chunked gated delta rule forward kernel (Pallas): one program per (batch row, head) walks the chunks in order,
 keeping the float32 state ``[K, V]`` on chip.
 
-Per chunk of C tokens (state ``S0`` at its start; notation of ``spb2_jax.ops.chunk_gated_delta_rule``):
+Per chunk of C tokens (state ``S0`` at its start; notation of ``spb2_jax.ops.gdn_chunked``):
 
     G = cumsum(g),  decay_ts = exp(G_t - G_s) [s <= t, same run]
     W = (I + diag(beta) A)^-1,  A_ts = decay_ts k_t.k_s (s < t)        -- forward substitution, row by row

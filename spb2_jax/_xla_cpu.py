@@ -1,7 +1,7 @@
 """Work around an XLA:CPU miscompilation in the jaxlib versions we support (found with jax 0.10.2).
 
 XLA:CPU hands some fused dot + reduce subgraphs to YNNPACK (``__ynn_fusion``). For the intra-chunk products of
-``spb2_jax.ops.chunk_gla`` (an einsum over ``[C, C, K]`` decays feeding a second dot) the fused kernel returns
+``spb2_jax.ops.gla_chunked`` (an einsum over ``[C, C, K]`` decays feeding a second dot) the fused kernel returns
 garbage that changes from run to run (values up to 1e35) under ``jax.jit``, while the same ops run eagerly are
 correct. ``--xla_cpu_experimental_ynn_fusion_type=`` (an empty list) turns these fusions off and restores exact
 results; it does not touch GPU / TPU compilation.

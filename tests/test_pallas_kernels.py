@@ -30,10 +30,10 @@ from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.moba import moba_flash_attention, moba_tile_lists
 from pallas_kernels.moba_gathered import own_block_lists, row_capacity, selected_block_rows
 from spb2_jax.ops.attention import attention_reference
-from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
+from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_select_blocks
 from spb2_jax.ops.segments import segment_labels, segment_positions
-from spb2_jax.ops.sliding_window import sliding_window_attention
+from spb2_jax.ops.swa_blockwise import sliding_window_attention
 from tests.test_ops_fast import BF16_GRAD_RTOL, BF16_OUT_RTOL, F32_ATOL, check, compare, seg_ids
 from tests.test_ops_reference import gdn_inputs, randn, rng_for
 

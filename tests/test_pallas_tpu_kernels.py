@@ -96,7 +96,7 @@ def test_tpu_kernels_under_the_tpu_simulator(kernel):
     from pallas_kernels.sliding_window import sliding_window_flash_attention
     from spb2_jax.ops.moba_blockwise import moba_attention, moba_select_blocks
     from spb2_jax.ops.segments import segment_labels, segment_positions
-    from spb2_jax.ops.sliding_window import sliding_window_attention
+    from spb2_jax.ops.swa_blockwise import sliding_window_attention
 
     sim = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, random_seed=0)
     interpret_pallas_call.reset_tpu_interpret_mode_state()

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from bench_ops import measure  # same folder: tools/ is sys.path[0] when run as a script
 
-from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
+from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
 from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.moba import moba_flash_attention
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_select_blocks
 from spb2_jax.ops.segments import segment_positions
-from spb2_jax.ops.sliding_window import sliding_window_attention
+from spb2_jax.ops.swa_blockwise import sliding_window_attention
 
 # dense bf16 matmul peaks per chip (vendor sheets), matched as substrings of jax's device_kind, first match wins
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from spb2_jax.ops.attention import attention_reference
-from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
+from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
 from spb2_jax.ops.moba import moba_attention_reference
 from spb2_jax.ops.moba_blockwise import moba_attention
 from spb2_jax.ops.recurrent import gated_delta_rule_reference
-from spb2_jax.ops.sliding_window import sliding_window_attention
+from spb2_jax.ops.swa_blockwise import sliding_window_attention
 
 GiB = 2 ** 30
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import jax
 
 from spb2_jax.ops.attention import attention_reference
-from spb2_jax.ops.chunk_gated_delta_rule import chunk_gated_delta_rule
-from spb2_jax.ops.chunk_gla import chunk_gla
+from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
+from spb2_jax.ops.gla_chunked import chunk_gla
 from spb2_jax.ops.moba import moba_attention_reference
 from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
 from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
-from spb2_jax.ops.sliding_window import sliding_window_attention
+from spb2_jax.ops.swa_blockwise import sliding_window_attention
 
 IMPLS = ("reference", "xla", "pallas")
 DEFAULT_IMPL = "xla"
