@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from spb2_jax.config import SpB2Config
-from spb2_jax.layers.block import DecoderBlock
-from spb2_jax.layers.common import Dtype, RMSNorm
-from spb2_jax.ops import dispatch
+from spb2_jax.layers.block import remat_block
+from spb2_jax.layers.common import Dtype, RMSNorm, dense, partitioned
+from spb2_jax.loss import IGNORE_INDEX, causal_lm_loss_tiled
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import segment_positions
-
-IGNORE_INDEX = -100
+from spb2_jax.ops.segments import Segments
+from spb2_jax.options import ModelOptions, options_from
+from spb2_jax.parallel import rules
 
 
 @flax.struct.dataclass
@@ -30,8 +30,10 @@ class CausalLMOutput:
     """Outputs of ``SpB2ForCausalLM``.
 
     Attributes:
-      logits: ``[B, T, V]`` (float32 unless the compute dtype is lower).
+      logits: ``[B, T, V]`` (float32 unless the compute dtype is lower); None with ``output_logits=False``.
       aux_losses: ``[L]`` float32 per-layer SSE load-balance losses (0 for attention layers).
+      last_hidden_state: ``[B, T, D]`` the final normed hidden states (the head's input; what the memory-lean
+        loss ``spb2_jax.loss.causal_lm_loss_tiled`` takes).
       hidden_states: with ``output_hidden_states``: tuple of L+1 ``[B, T, D]`` in the HF convention
         (``[0]`` embeddings, ``[i]`` output of block i-1, ``[L]`` last block output AFTER the final norm).
       last_block_output: with ``output_hidden_states``: raw output of the last block (before the final norm).
@@ -39,18 +41,19 @@ class CausalLMOutput:
         what the official model returns as ``attentions``.
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     aux_losses: jax.Array
+    last_hidden_state: jax.Array | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
     last_block_output: jax.Array | None = None
     mixer_outputs: tuple[jax.Array, ...] | None = None
 
 
-def segments_and_positions(
+def build_segments(
     input_ids: jax.Array, attention_mask: jax.Array | None, segment_ids: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """``segment_ids [B, T]`` (0 = padding) from an HF ``attention_mask`` and/or packed segment ids, and the
-    RoPE positions (0 at the first real token of each segment)."""
+) -> Segments:
+    """The forward's ``Segments`` (built once, passed to every op) from an HF ``attention_mask`` and/or packed
+    ``segment_ids [B, T]`` (0 = padding); positions are 0 at the first real token of each segment."""
     B, T = input_ids.shape
     seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     if seg.shape != (B, T):
@@ -61,40 +64,38 @@ def segments_and_positions(
             raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {(B, T)}; "
                              "only 2-D [batch, seq] 0/1 padding masks are supported")
         seg = jnp.where(attention_mask != 0, seg, 0)
-    return seg, segment_positions(seg)
+    return Segments.from_ids(seg)
 
 
 class SpB2Model(nn.Module):
-    """Embeddings, the decoder blocks and the final norm (HF ``SSESWAMoBAModel``)."""
+    """Embeddings, the decoder blocks and the final norm (HF ``SSESWAMoBAModel``); ``options`` resolved."""
 
     config: SpB2Config
-    impl: str = dispatch.DEFAULT_IMPL
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    options: ModelOptions = ModelOptions()
 
     def setup(self):
-        c = self.config
-        self.embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   embedding_init=nn.initializers.normal(c.initializer_range))
-        self.layers = [DecoderBlock(c, i, impl=dispatch.check_impl(self.impl), dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
-                       for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        c, o = self.config, self.options
+        self.embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=o.dtype, param_dtype=o.param_dtype,
+                                   embedding_init=partitioned(nn.initializers.normal(c.initializer_range),
+                                                              rules.VOCAB, rules.EMBED))
+        block = remat_block(o.remat)
+        self.layers = [block(c, i, o) for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(eps=c.norm_eps, dtype=o.dtype, param_dtype=o.param_dtype)
 
-    def __call__(self, input_ids, segment_ids, positions, deterministic=True, caches=None, step=None):
+    def __call__(self, input_ids, segments: Segments, deterministic=True, caches=None, step=None):
         """Returns ``(final normed hidden, per-block outputs, per-block mixer outputs, aux [L], caches)``.
 
         With ``caches`` (one per layer) and ``step`` (``spb2_jax.layers.cache.CacheStep``) the tokens are added to
         the caches; the returned ``caches`` are the updated ones (None without).
         """
-        x = self.embeddings(input_ids)  # [B, T, D]
+        x = rules.constrain(self.embeddings(input_ids), rules.HIDDEN)  # [B, T, D]
         hidden, mixed_all, aux_all, new_caches = [x], [], [], []
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            rope_pos = positions
-            if step is not None and step.rope_offset and i >= 1:
-                rope_pos = positions + step.rope_offset  # official decode quirk, see CacheStep
-            x, mixed, aux, cache = layer(x, segment_ids, rope_pos, deterministic, cache, step)
+            seg_i = segments
+            if step is not None and step.rope_offset and i >= 1:  # official decode quirk, see CacheStep
+                seg_i = segments.replace(positions=segments.positions + step.rope_offset)
+            x, mixed, aux, cache = layer(x, seg_i, deterministic, cache, step)
             hidden.append(x)
             mixed_all.append(mixed)
             aux_all.append(aux)
@@ -111,22 +112,30 @@ class SpB2ForCausalLM(nn.Module):
 
     ``model.apply({"params": params}, input_ids, attention_mask=None, ...)`` -> ``CausalLMOutput``.
     Pass ``rngs={"dropout": key}`` with ``deterministic=False`` for training-mode SWA dropout.
-    ``impl`` picks the token-mixer implementation (``spb2_jax.ops.dispatch``): ``"xla"`` (default: chunked /
-    blockwise, linear in T), ``"pallas"`` (Pallas kernels; interpret mode on CPU) or ``"reference"`` (per-token
-    scans and dense masks; see dispatch.py).
+
+    How it runs is ``options`` (``spb2_jax.options.resolve_options``: dtypes, kernels, remat, decoding). The
+    old keywords ``impl=``, ``dtype=``, ``param_dtype=`` still work: they are resolved here, once, into the
+    options (giving both is an error).
     """
 
     config: SpB2Config
-    impl: str = dispatch.DEFAULT_IMPL
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    options: ModelOptions | None = None
+    impl: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype | None = None
+
+    @property
+    def resolved_options(self) -> ModelOptions:
+        """The options every layer below receives (resolved once from the fields above)."""
+        return options_from(self.options, self.config, impl=self.impl, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
 
     def setup(self):
-        c = self.config
-        self.model = SpB2Model(c, impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        c, o = self.config, self.resolved_options
+        self.model = SpB2Model(c, o)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=nn.initializers.normal(c.initializer_range))
+            self.lm_head = dense(c.vocab_size, "lm_head", c.initializer_range, axes=(rules.EMBED, rules.VOCAB),
+                                 dtype=o.dtype, param_dtype=o.param_dtype)
 
     def __call__(
         self,
@@ -137,6 +146,7 @@ class SpB2ForCausalLM(nn.Module):
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_mixer_outputs: bool = False,
+        output_logits: bool = True,
     ) -> CausalLMOutput:
         """Forward pass.
 
@@ -147,13 +157,15 @@ class SpB2ForCausalLM(nn.Module):
           segment_ids: optional ``[B, T]`` packed-sequence ids (0 = padding); tokens never mix across segments.
           deterministic: False enables training-mode SWA dropout (needs the ``"dropout"`` rng).
           output_hidden_states, output_mixer_outputs: also return per-layer activations.
+          output_logits: False skips the ``[B, T, V]`` logits (training computes the loss from
+            ``last_hidden_state`` in sequence tiles, ``spb2_jax.loss``).
         """
-        seg, pos = segments_and_positions(input_ids, attention_mask, segment_ids)
-        normed, hidden, mixed, aux, _ = self.model(input_ids, seg, pos, deterministic)
-        logits = self.head(normed)
+        segments = build_segments(input_ids, attention_mask, segment_ids)
+        normed, hidden, mixed, aux, _ = self.model(input_ids, segments, deterministic)
         return CausalLMOutput(
-            logits=logits,
+            logits=self.head(normed) if output_logits else None,
             aux_losses=aux,
+            last_hidden_state=normed,
             hidden_states=tuple(hidden[:-1]) + (normed,) if output_hidden_states else None,
             last_block_output=hidden[-1] if output_hidden_states else None,
             mixer_outputs=tuple(mixed) if output_mixer_outputs else None,
@@ -161,7 +173,7 @@ class SpB2ForCausalLM(nn.Module):
 
 
     def head(self, normed: jax.Array) -> jax.Array:
-        """Output projection of the final normed hidden states -> logits."""
+        """Output projection of the final normed hidden states -> logits ``[B, T, V]``."""
         if self.config.tie_word_embeddings:
             return self.model.attend(normed)
         return self.lm_head(normed)
@@ -176,7 +188,8 @@ class SpB2ForCausalLM(nn.Module):
           ``(logits, updated caches)``.
         """
         seg = step.valid.astype(jnp.int32)
-        normed, _, _, _, caches = self.model(input_ids, seg, jnp.maximum(step.positions, 0), True, caches, step)
+        segments = Segments(ids=seg, labels=seg, positions=jnp.maximum(step.positions, 0))
+        normed, _, _, _, caches = self.model(input_ids, segments, True, caches, step)
         if not all_logits:
             T = input_ids.shape[1]
             last = jnp.max(jnp.where(step.valid, jnp.arange(T), 0), axis=1)  # [B]
@@ -204,6 +217,13 @@ def causal_lm_loss(
     return {"loss": ce + aux_loss_coef * aux, "ce_loss": ce, "aux_loss": aux}
 
 
+def head_kernel(params: Any, config: SpB2Config) -> jax.Array:
+    """The output projection as a ``[D, V]`` kernel: ``lm_head/kernel``, or the embeddings transposed when tied."""
+    if config.tie_word_embeddings:
+        return params["model"]["embeddings"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
 def loss_fn(
     params: Any,
     config: SpB2Config,
@@ -213,20 +233,32 @@ def loss_fn(
     *,
     segment_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
-    dtype: Dtype = jnp.float32,
-    impl: str = dispatch.DEFAULT_IMPL,
+    options: ModelOptions | None = None,
+    dtype: Dtype | None = None,
+    impl: str | None = None,
+    tile_size: int = 512,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar training loss and its parts; SWA dropout is on when ``dropout_rng`` is given."""
-    model = SpB2ForCausalLM(config, impl=impl, dtype=dtype)
+    """Scalar training loss and its parts (``causal_lm_loss``'s contract) without ``[B, T, V]`` logits: the
+    cross-entropy is computed from the final hidden states and the head in sequence tiles of ``tile_size``
+    (``spb2_jax.loss``). SWA dropout is on when ``dropout_rng`` is given. ``options`` (or the old ``dtype`` /
+    ``impl`` keywords): how the model runs."""
+    model = SpB2ForCausalLM(config, options_from(options, config, impl=impl, dtype=dtype))
     out = model.apply({"params": params}, input_ids, attention_mask, segment_ids=segment_ids,
-                      deterministic=dropout_rng is None,
+                      deterministic=dropout_rng is None, output_logits=False,
                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    parts = causal_lm_loss(out.logits, labels, out.aux_losses, config.aux_loss_coef)
+    kernel = head_kernel(params, config).astype(model.resolved_options.dtype)
+    parts = causal_lm_loss_tiled(out.last_hidden_state, kernel, labels, out.aux_losses, config.aux_loss_coef,
+                                 tile_size=tile_size)
     return parts["loss"], parts
 
 
 def init_params(config: SpB2Config, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> Any:
-    """Randomly initialised params (official-style init) for ``config``."""
+    """Randomly initialised params (official-style init) for ``config``: a pytree of plain arrays (the logical
+    axis names are in ``logical_axes(config)``)."""
+    return nn.meta.unbox(_init_boxed(config, rng, param_dtype))
+
+
+def _init_boxed(config: SpB2Config, rng: jax.Array, param_dtype: Dtype) -> Any:
     model = SpB2ForCausalLM(config, param_dtype=param_dtype)
     return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
@@ -234,3 +266,10 @@ def init_params(config: SpB2Config, rng: jax.Array, *, param_dtype: Dtype = jnp.
 def abstract_params(config: SpB2Config, *, param_dtype: Dtype = jnp.float32) -> Any:
     """``jax.ShapeDtypeStruct`` tree of the params (no memory allocated)."""
     return jax.eval_shape(lambda k: init_params(config, k, param_dtype=param_dtype), jax.random.key(0))
+
+
+def logical_axes(config: SpB2Config) -> Any:
+    """The params tree with, at every leaf, its ``PartitionSpec`` of logical axis names (``spb2_jax.parallel.rules``
+    maps them to mesh axes). Abstract: nothing is allocated."""
+    boxed = jax.eval_shape(lambda k: _init_boxed(config, k, jnp.float32), jax.random.key(0))
+    return nn.get_partition_spec(boxed)

@@ -44,6 +44,7 @@ from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention
 from spb2_jax.ops.recurrent import gated_delta_rule_reference, gla_reference
 from spb2_jax.ops.swa_blockwise import sliding_window_attention
 from spb2_jax.ops.sse import sse_gdn, sse_gla
+from spb2_jax.options import Kernels
 from tests import oracles
 from tests.test_ops_reference import gdn_inputs, make_segment_ids, randn, rng_for, sse_inputs
 from tests.test_ops_reference import log_sigmoid, silu, softmax_np
@@ -372,7 +373,7 @@ def test_sse(kind, case, form, dtype):
 
     def run(impl):
         def f(x):
-            common = dict(form=form, segment_ids=seg, initial_state=x.get("s0"), impl=impl)
+            common = dict(form=form, segment_ids=seg, initial_state=x.get("s0"), kernels=Kernels.resolve(impl))
             if kind == "gdn":
                 return sse_gdn(x["q1"], x["k1"], x["q2"], x["k2"], x["v"], x["gate"], x["beta"], x["p"], wr, rd,
                                **common)

@@ -19,23 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from spb2_jax.checkpoint import load_hf
-from spb2_jax.generate.decode import MOBA_DECODE, check_token_ids, extend
+from spb2_jax.generate.decode import check_token_ids, extend
 from spb2_jax.generate.sampling import sample_token
 from spb2_jax.generate.tokenizer import TextStream, encode_prompt, load_tokenizer, stop_token_ids
 from spb2_jax.layers.cache import init_cache
-from spb2_jax.ops import dispatch
+from spb2_jax.options import DEFAULT_IMPL, IMPLS, MOBA_DECODE, resolve_options
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fresh", "moba_dense", "rope_offset", "top_k", "impl",
-                                             "dtype"), donate_argnames=("cache",))
-def _extend_and_sample(params, ids, cache, rng, temperature, top_p, *, config, fresh, moba_dense, rope_offset, top_k,
-                       impl, dtype):
+@functools.partial(jax.jit, static_argnames=("config", "fresh", "decoding", "top_k", "options"),
+                   donate_argnames=("cache",))
+def _extend_and_sample(params, ids, cache, rng, temperature, top_p, *, config, fresh, decoding, top_k, options):
     """Add ``ids [1, T]`` to the cache (in place) and sample the next token (same key chain as ``generate``)."""
     logits, cache = extend(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=fresh,
-                           all_logits=False, moba_dense=moba_dense, rope_offset=rope_offset, impl=impl, dtype=dtype)
+                           all_logits=False, decoding=decoding, options=options)
     rng, key = jax.random.split(rng)
     token = sample_token(logits[:, 0], key, temperature=temperature, top_k=top_k, top_p=top_p)
     return token[:, None], cache, rng
@@ -57,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params and compute dtype")
-    p.add_argument("--impl", choices=dispatch.IMPLS, default=dispatch.DEFAULT_IMPL, help="token-mixer path")
+    p.add_argument("--impl", choices=IMPLS, default=DEFAULT_IMPL, help="token-mixer path")
     p.add_argument("--moba-decode", choices=MOBA_DECODE, default="exact",
                    help="'dense' reproduces the official cached decode (MoBA layers attend to every cached token)")
     p.add_argument("--official-rope-offset", action="store_true",
@@ -84,6 +83,8 @@ def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     tokenizer = load_tokenizer(args.checkpoint)
     config, params = load_hf(args.checkpoint, dtype=dtype)
+    options = resolve_options(config, dtype=dtype, impl=args.impl, moba_decode=args.moba_decode,
+                              official_rope_offset=args.official_rope_offset)
     prompt = encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)
     check_token_ids(prompt, config.vocab_size, "the tokenized prompt (tokenizer.json vs config.json)")
     stops = set(stop_token_ids(tokenizer, config, chat=args.chat))
@@ -93,13 +94,12 @@ def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
     ids = jnp.asarray([prompt], jnp.int32)
     rng = jax.random.key(args.seed)
     floats = (jnp.float32(args.temperature), jnp.float32(args.top_p))
-    static = dict(config=config, moba_dense=args.moba_decode == "dense", top_k=args.top_k, impl=args.impl,
-                  dtype=dtype)
+    static = dict(config=config, top_k=args.top_k, options=options)
     t0 = time.perf_counter()  # ahead-of-time compilation, so that the timings below are pure run time
-    prefill_fn = _extend_and_sample.lower(params, ids, cache, rng, *floats, fresh=True, rope_offset=0,
+    prefill_fn = _extend_and_sample.lower(params, ids, cache, rng, *floats, fresh=True, decoding=False,
                                           **static).compile()
-    step_fn = _extend_and_sample.lower(params, ids[:, :1], cache, rng, *floats, fresh=False,
-                                       rope_offset=int(args.official_rope_offset), **static).compile()
+    step_fn = _extend_and_sample.lower(params, ids[:, :1], cache, rng, *floats, fresh=False, decoding=True,
+                                       **static).compile()
     compile_s = time.perf_counter() - t0
 
     stream = TextStream(tokenizer)

@@ -19,27 +19,28 @@ from spb2_jax.config import SpB2Config
 from spb2_jax.layers.cache import Cache, CacheStep
 from spb2_jax.layers.common import Dtype
 from spb2_jax.model import SpB2ForCausalLM
-from spb2_jax.ops import dispatch
-
-MOBA_DECODE = ("exact", "dense")
+from spb2_jax.options import MOBA_DECODE, ModelOptions, options_from
 
 
 def _extend(params: Any, input_ids: jax.Array, valid: jax.Array, cache: Cache, *, config: SpB2Config,
-            fresh: bool, all_logits: bool, moba_dense: bool = False, rope_offset: int = 0,
-            impl: str = dispatch.DEFAULT_IMPL, dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
+            fresh: bool, all_logits: bool, decoding: bool = False,
+            options: ModelOptions = ModelOptions()) -> tuple[jax.Array, Cache]:
     """Add ``input_ids [B, T]`` (real where ``valid``) to ``cache``; jit-compiled, no host checks.
 
-    ``fresh`` must be True only when every row of the cache is empty. See ``CacheStep`` for the other flags.
+    ``fresh`` must be True only when every row of the cache is empty. ``decoding``: a decode step, where the
+    options' ``moba_decode`` / ``official_rope_offset`` apply (see ``CacheStep``).
     """
-    step = CacheStep.after(cache.length, valid, fresh=fresh, moba_dense=moba_dense, rope_offset=rope_offset)
-    model = SpB2ForCausalLM(config, impl=impl, dtype=dtype)
+    step = CacheStep.after(cache.length, valid, fresh=fresh,
+                           moba_dense=decoding and options.moba_decode == "dense",
+                           rope_offset=int(decoding and options.official_rope_offset))
+    model = SpB2ForCausalLM(config, options)
     logits, layers = model.apply({"params": params}, input_ids, cache.layers, step, all_logits,
                                  method=SpB2ForCausalLM.extend)
     length = cache.length + step.valid.sum(axis=1, dtype=jnp.int32)
     return logits, Cache(layers=layers, length=length, max_len=cache.max_len)
 
 
-_STATIC = ("config", "fresh", "all_logits", "moba_dense", "rope_offset", "impl", "dtype")
+_STATIC = ("config", "fresh", "all_logits", "decoding", "options")
 extend = jax.jit(_extend, static_argnames=_STATIC)
 # The same, updating the cache's buffers in place: the cache passed in is consumed (its arrays are deleted).
 # Without donation every call copies the whole cache (O(max_len) per decoded token).
@@ -81,8 +82,8 @@ def check_attention_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndar
 
 
 def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, attention_mask: Any = None, *,
-            all_logits: bool = False, donate_cache: bool = False, impl: str = dispatch.DEFAULT_IMPL,
-            dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
+            all_logits: bool = False, donate_cache: bool = False, options: ModelOptions | None = None,
+            impl: str | None = None, dtype: Dtype | None = None) -> tuple[jax.Array, Cache]:
     """Add a prompt, or the next piece of one, to ``cache``.
 
     Args:
@@ -94,10 +95,11 @@ def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, atten
         of this piece (all a sampler needs; avoids a ``T x vocab`` array for long prompts).
       donate_cache: update the cache's buffers in place; the ``cache`` passed in is consumed (its arrays are
         deleted). Default False: a new cache is returned and the old one stays usable (costs a copy of the cache).
-      impl, dtype: token-mixer implementation (``spb2_jax.ops.dispatch``) and compute dtype.
+      options: how the model runs (``spb2_jax.resolve_options``); or the old ``impl`` / ``dtype`` keywords.
     Returns:
       ``(logits, cache)``. Raises ``ValueError`` when a row would exceed the cache's ``max_len``.
     """
+    options = options_from(options, config, impl=impl, dtype=dtype)
     ids = _check_ids(input_ids, cache, "input_ids")
     valid = check_attention_mask(attention_mask, ids.shape)
     check_token_ids(np.asarray(ids)[valid], config.vocab_size, "input_ids")
@@ -109,18 +111,21 @@ def prefill(params: Any, config: SpB2Config, input_ids: Any, cache: Cache, atten
                          f"max_len={cache.max_len}; make the cache with a larger max_len")
     fn = extend_in_place if donate_cache else extend
     return fn(params, ids, jnp.asarray(valid), cache, config=config, fresh=bool((length == 0).all()),
-              all_logits=all_logits, impl=impl, dtype=dtype)
+              all_logits=all_logits, options=options)
 
 
-def decode_step(params: Any, config: SpB2Config, token_ids: Any, cache: Cache, *, moba_decode: str = "exact",
-                official_rope_offset: bool = False, donate_cache: bool = False, impl: str = dispatch.DEFAULT_IMPL,
-                dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
+def decode_step(params: Any, config: SpB2Config, token_ids: Any, cache: Cache, *, moba_decode: str | None = None,
+                official_rope_offset: bool | None = None, donate_cache: bool = False,
+                options: ModelOptions | None = None, impl: str | None = None,
+                dtype: Dtype | None = None) -> tuple[jax.Array, Cache]:
     """Add one token per row, ``token_ids [B, 1]``; returns ``(logits [B, 1, V], cache)``.
 
     No host synchronisation (usable in a Python loop at full speed, compiled once per shape). The caller keeps
     each row below ``cache.max_len`` (tokens beyond it are not stored).
 
     Args:
+      options: how the model runs (``spb2_jax.resolve_options``), including its decoding fields
+        ``moba_decode`` and ``official_rope_offset``; or the old keywords below.
       moba_decode: ``"exact"`` (default: the forward's per-token block selection) or ``"dense"`` (the official
         cached path: MoBA layers attend to the whole cache).
       official_rope_offset: reproduce the official cache's RoPE quirk (layers >= 1 rotate the new token at
@@ -129,11 +134,13 @@ def decode_step(params: Any, config: SpB2Config, token_ids: Any, cache: Cache, *
         the whole cache, ``O(max_len)`` per token; in a decode loop write
         ``logits, cache = decode_step(..., cache, donate_cache=True)``.
     """
-    if moba_decode not in MOBA_DECODE:
+    if moba_decode is not None and moba_decode not in MOBA_DECODE:
         raise ValueError(f"moba_decode={moba_decode!r} must be one of {MOBA_DECODE}")
+    options = options_from(options, config, impl=impl, dtype=dtype, moba_decode=moba_decode,
+                           official_rope_offset=official_rope_offset)
     ids = _check_ids(token_ids, cache, "token_ids")
     if ids.shape[1] != 1:
         raise ValueError(f"decode_step takes one token per row, token_ids shape {ids.shape}; use prefill for more")
     fn = extend_in_place if donate_cache else extend
     return fn(params, ids, jnp.ones(ids.shape, bool), cache, config=config, fresh=False, all_logits=True,
-              moba_dense=moba_decode == "dense", rope_offset=int(official_rope_offset), impl=impl, dtype=dtype)
+              decoding=True, options=options)

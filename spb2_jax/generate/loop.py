@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from spb2_jax.config import SpB2Config
-from spb2_jax.generate.decode import MOBA_DECODE, check_attention_mask, check_token_ids, extend
+from spb2_jax.generate.decode import check_attention_mask, check_token_ids, extend
 from spb2_jax.generate.sampling import sample_token
 from spb2_jax.layers.cache import init_cache
 from spb2_jax.layers.common import Dtype
-from spb2_jax.ops import dispatch
+from spb2_jax.options import MOBA_DECODE, ModelOptions, options_from
 
 MIN_BUCKET = 16
 STOP_SLOTS = 8  # stop tokens are passed as an array padded to a multiple of this (-1 = unused slot)
@@ -101,17 +101,14 @@ def _stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
     return stops
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "top_k", "moba_dense", "rope_offset", "impl",
-                                             "dtype", "stream"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "top_k", "options", "stream"))
 def _generate(params, ids, valid, rng, temperature, top_p, stops, pad_token_id, max_new_tokens, *,
-              config: SpB2Config, capacity: int, top_k: int | None, moba_dense: bool, rope_offset: int, impl: str,
-              dtype: Dtype, stream: bool):
+              config: SpB2Config, capacity: int, top_k: int | None, options: ModelOptions, stream: bool):
     """Prefill + sampling loop; ``capacity`` (static) >= the traced ``max_new_tokens`` sizes the output buffer."""
     B, L = ids.shape
-    cache = init_cache(config, B, L + capacity, dtype)
+    cache = init_cache(config, B, L + capacity, options.dtype)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, cache = extend(params, ids, valid, cache, config=config, fresh=True, all_logits=False, impl=impl,
-                           dtype=dtype)
+    logits, cache = extend(params, ids, valid, cache, config=config, fresh=True, all_logits=False, options=options)
     rng, key = jax.random.split(rng)
     token = sample(logits[:, 0], key)
     done = jnp.isin(token, stops)
@@ -127,8 +124,7 @@ def _generate(params, ids, valid, rng, temperature, top_p, stops, pad_token_id, 
     def body(carry):
         i, token, cache, done, out, count, rng = carry
         logits, cache = extend(params, token[:, None], jnp.ones((B, 1), bool), cache, config=config, fresh=False,
-                               all_logits=True, moba_dense=moba_dense, rope_offset=rope_offset, impl=impl,
-                               dtype=dtype)
+                               all_logits=True, decoding=True, options=options)
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_token_id, sample(logits[:, 0], key))
         out = out.at[:, i].set(token)
@@ -156,11 +152,12 @@ def generate(
     seed: int = 0,
     stop_tokens: Sequence[int] | int | None = None,
     pad_token_id: int | None = None,
-    moba_decode: str = "exact",
-    official_rope_offset: bool = False,
+    moba_decode: str | None = None,
+    official_rope_offset: bool | None = None,
     callback: Callable[[int, np.ndarray], None] | None = None,
-    impl: str = dispatch.DEFAULT_IMPL,
-    dtype: Dtype = jnp.float32,
+    options: ModelOptions | None = None,
+    impl: str | None = None,
+    dtype: Dtype | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per prompt with the KV / recurrent-state cache.
 
@@ -176,10 +173,11 @@ def generate(
       moba_decode, official_rope_offset: ``decode_step``'s options; ``"dense"`` and True reproduce the official
         cached generation (which differs from the official no-cache forward).
       callback: ``callback(step, tokens [B])`` called on the host as each token is produced (streaming).
-      impl, dtype: token-mixer implementation and compute dtype.
+      options: how the model runs (``spb2_jax.resolve_options``: dtype, kernels, decoding); or the old keywords
+        ``impl``, ``dtype``, ``moba_decode``, ``official_rope_offset``.
     Returns:
       ``GenerateOutput``. Prefill and the decode loop are one compiled program per (batch, prompt bucket,
-      max_new_tokens bucket, top_k, moba_decode, official_rope_offset, callback or not, impl, dtype).
+      max_new_tokens bucket, top_k, options, callback or not).
     """
     try:
         max_new_tokens = operator.index(max_new_tokens)
@@ -191,8 +189,10 @@ def generate(
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1 (or None)")
-    if moba_decode not in MOBA_DECODE:
+    if moba_decode is not None and moba_decode not in MOBA_DECODE:
         raise ValueError(f"moba_decode={moba_decode!r} must be one of {MOBA_DECODE}")
+    options = options_from(options, config, impl=impl, dtype=dtype, moba_decode=moba_decode,
+                           official_rope_offset=official_rope_offset)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     rows = _prompt_rows(input_ids, attention_mask)
@@ -213,8 +213,7 @@ def generate(
                                jnp.float32(temperature), jnp.float32(top_p),
                                jnp.asarray(_stop_array([int(s) for s in stops])), jnp.int32(pad),
                                jnp.int32(max_new_tokens), config=config, capacity=bucket_length(max_new_tokens),
-                               top_k=top_k, moba_dense=moba_decode == "dense", rope_offset=int(official_rope_offset),
-                               impl=impl, dtype=dtype, stream=callback is not None)
+                               top_k=top_k, options=options, stream=callback is not None)
         out, count = jax.device_get((out, count))
     finally:
         _STREAM[0] = None

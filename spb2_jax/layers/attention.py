@@ -13,11 +13,14 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.cache import CacheStep, KVCache
-from spb2_jax.layers.common import Dtype, RMSNorm, dense
+from spb2_jax.layers.common import RMSNorm, dense
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import (causal_slot_mask, moba_gathered_attention, moba_slot_mask,
                                            tiled_attention)
 from spb2_jax.ops.rope import apply_rope
+from spb2_jax.ops.segments import Segments
+from spb2_jax.options import ModelOptions
+from spb2_jax.parallel import rules
 
 
 class AttentionMixer(nn.Module):
@@ -28,46 +31,52 @@ class AttentionMixer(nn.Module):
 
     config: SpB2Config
     kind: str
-    impl: str = dispatch.DEFAULT_IMPL
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 cache: KVCache | None = None, step: CacheStep | None = None) -> tuple[jax.Array, KVCache | None]:
-        """``x [B, T, D]`` -> ``(output [B, T, D], updated cache or None)``; ``positions`` are the RoPE
+    def __call__(self, x: jax.Array, segments: Segments, cache: KVCache | None = None,
+                 step: CacheStep | None = None) -> tuple[jax.Array, KVCache | None]:
+        """``x [B, T, D]`` -> ``(output [B, T, D], updated cache or None)``; ``segments.positions`` are the RoPE
         positions. With ``cache`` and ``step``: the real tokens are added to the cache first."""
-        c, a = self.config, self.config.attn
+        c, a, o = self.config, self.config.attn, self.options
         H = c.head_dim
-        kw = dict(use_bias=a.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=a.qkv_bias, dtype=o.dtype, param_dtype=o.param_dtype)
         std = c.initializer_range
-        q = rearrange(dense(a.num_heads * H, "q_proj", std, **kw)(x), "B T (N H) -> B T N H", H=H)
-        k = rearrange(dense(a.kv_heads * H, "k_proj", std, **kw)(x), "B T (K H) -> B T K H", H=H)
-        v = rearrange(dense(a.kv_heads * H, "v_proj", std, **kw)(x), "B T (K H) -> B T K H", H=H)
+        x = rules.constrain(x, rules.HIDDEN)
+        q = dense(a.num_heads * H, "q_proj", std, axes=(rules.EMBED, rules.Q_HEADS), **kw)(x)
+        k = dense(a.kv_heads * H, "k_proj", std, axes=(rules.EMBED, rules.KV_HEADS), **kw)(x)
+        v = dense(a.kv_heads * H, "v_proj", std, axes=(rules.EMBED, rules.KV_HEADS), **kw)(x)
+        q = rearrange(q, "B T (N H) -> B T N H", H=H)  # [B, T, N, H]
+        k = rearrange(k, "B T (K H) -> B T K H", H=H)  # [B, T, K, H]
+        v = rearrange(v, "B T (K H) -> B T K H", H=H)  # [B, T, K, H]
         if a.qk_norm:
-            norm_kw = dict(eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            norm_kw = dict(eps=c.norm_eps, dtype=o.dtype, param_dtype=o.param_dtype, axis_name=rules.HEAD_DIM)
             q = RMSNorm(name="q_norm", **norm_kw)(q)
             k = RMSNorm(name="k_norm", **norm_kw)(k)
-        q = apply_rope(q, positions, a.rope_theta)
-        k = apply_rope(k, positions, a.rope_theta)
+        q = apply_rope(q, segments.positions, a.rope_theta)
+        k = apply_rope(k, segments.positions, a.rope_theta)
+        q, k, v = rules.constrain(q, rules.HEADS), rules.constrain(k, rules.KV), rules.constrain(v, rules.KV)
         if self.kind not in (LayerKind.FULL, LayerKind.MOBA):
             raise ValueError(f"AttentionMixer kind={self.kind!r} must be {LayerKind.FULL!r} or {LayerKind.MOBA!r}")
         if cache is not None:
             cache = cache.append(k, v, step, a.moba_chunk_size)
         if cache is None or step.fresh:
-            o = self._attend_forward(q, k, v, segment_ids)
+            out = self._attend_forward(q, k, v, segments)
         else:
-            o = self._attend_cache(q, cache, step)
-        o = rearrange(o, "B T N H -> B T (N H)")
-        return dense(c.hidden_size, "o_proj", std, dtype=self.dtype, param_dtype=self.param_dtype)(o), cache
+            out = self._attend_cache(q, cache, step)
+        out = rules.constrain(out, rules.HEADS)  # [B, T, N, H]
+        out = rearrange(out, "B T N H -> B T (N H)")
+        out = dense(c.hidden_size, "o_proj", std, axes=(rules.Q_HEADS, rules.EMBED), dtype=o.dtype,
+                    param_dtype=o.param_dtype)(out)
+        return rules.constrain(out, rules.HIDDEN), cache
 
-    def _attend_forward(self, q, k, v, segment_ids):
+    def _attend_forward(self, q, k, v, segments: Segments):
         """The forward's attention over the tokens of this call (also a fresh cache's first piece)."""
-        a = self.config.attn
+        a, kernels = self.config.attn, self.options.kernels
         if self.kind == LayerKind.MOBA:
-            return dispatch.moba(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk, segment_ids=segment_ids,
-                                 impl=self.impl)
-        return dispatch.full_attention(q, k, v, segment_ids=segment_ids, impl=self.impl)
+            return dispatch.moba(q, k, v, chunk_size=a.moba_chunk_size, topk=a.moba_topk, segments=segments,
+                                 kernels=kernels)
+        return dispatch.full_attention(q, k, v, segments=segments, kernels=kernels)
 
     def _attend_cache(self, q, cache: KVCache, step: CacheStep):
         """New queries over the whole position-indexed cache (already holding the new keys)."""

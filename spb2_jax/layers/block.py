@@ -1,4 +1,14 @@
-"""One decoder block (HF ``SSESWAMoBABlock``): pre-norm token mixer and gated MLP, both residual."""
+"""One decoder block (HF ``SSESWAMoBABlock``): pre-norm token mixer and gated MLP, both residual; and the
+rematerialisation policies of ``ModelOptions.remat``.
+
+Remat policies (``remat_block``; what the backward pass keeps from the forward of each block):
+
+- ``none``: everything autodiff keeps (no rematerialisation).
+- ``full``: nothing but the block's inputs; the block's forward is recomputed in the backward pass.
+- ``save_dots``: the results of matmuls without batch dimensions (the projections), recompute the rest.
+- ``save_mixer_outputs``: the token mixer's output (tagged ``"mixer_output"`` with ``checkpoint_name``); the
+  projections and the MLP are recomputed, the expensive token mixing is not.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +17,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.attention import AttentionMixer
 from spb2_jax.layers.cache import CacheStep
-from spb2_jax.layers.common import Dtype, GatedMLP, RMSNorm
+from spb2_jax.layers.common import GatedMLP, RMSNorm
 from spb2_jax.layers.sse_swa import SSESWAMixer
-from spb2_jax.ops import dispatch
 from spb2_jax.ops.dtypes import acc_dtype
+from spb2_jax.ops.segments import Segments
+from spb2_jax.options import ModelOptions
+from spb2_jax.parallel import rules
+
+MIXER_OUTPUT = "mixer_output"  # checkpoint_name of the token mixer's output
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_mixer_outputs": jax.checkpoint_policies.save_only_these_names(MIXER_OUTPUT),
+}
 
 
 class DecoderBlock(nn.Module):
@@ -26,26 +47,35 @@ class DecoderBlock(nn.Module):
 
     config: SpB2Config
     layer_idx: int
-    impl: str = dispatch.DEFAULT_IMPL
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 deterministic: bool = True, cache: Any = None,
+    def __call__(self, x: jax.Array, segments: Segments, deterministic: bool = True, cache: Any = None,
                  step: CacheStep | None = None) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
-        c = self.config
+        c, o = self.config, self.options
         kind = c.layer_kind(self.layer_idx)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        mix_kw = dict(impl=self.impl, name="attn", **kw)
+        kw = dict(dtype=o.dtype, param_dtype=o.param_dtype)
+        x = rules.constrain(x, rules.HIDDEN)  # [B, T, D]
         h = RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
         if kind in (LayerKind.FULL, LayerKind.MOBA):
-            mixed, cache = AttentionMixer(c, kind, **mix_kw)(h, segment_ids, positions, cache, step)
+            mixed, cache = AttentionMixer(c, kind, o, name="attn")(h, segments, cache, step)
             aux = jnp.zeros((), acc_dtype(x))
         else:
-            mixed, aux, cache = SSESWAMixer(c, kind, **mix_kw)(h, segment_ids, positions, deterministic, cache, step)
-        mixed = mixed * (segment_ids != 0)[..., None].astype(mixed.dtype)
+            mixed, aux, cache = SSESWAMixer(c, kind, o, name="attn")(h, segments, deterministic, cache, step)
+        mixed = mixed * segments.real[..., None].astype(mixed.dtype)
+        mixed = checkpoint_name(mixed, MIXER_OUTPUT)
         h = x + mixed
         m = RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(h)
         y = h + GatedMLP(c.hidden_size, c.mlp_intermediate_size, c.initializer_range, name="mlp", **kw)(m)
-        return y, mixed, aux, cache
+        return rules.constrain(y, rules.HIDDEN), mixed, aux, cache
+
+
+def remat_block(policy: str) -> type[DecoderBlock]:
+    """``DecoderBlock`` under ``nn.remat`` with a named policy (module docstring); ``"none"``: the block as is.
+
+    ``deterministic`` (argument 3, counting the module) is static. Decoding (a cache) never uses remat."""
+    if policy == "none":
+        return DecoderBlock
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r} is not one of {('none',) + tuple(REMAT_POLICIES)}")
+    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=(3,))

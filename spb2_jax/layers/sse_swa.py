@@ -16,12 +16,17 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.cache import CacheStep, SSECache
-from spb2_jax.layers.common import Dtype, RMSNorm, dense
+from spb2_jax.layers.common import RMSNorm, dense, partitioned
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import tiled_attention, window_key_mask
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.rope import apply_rope
+from spb2_jax.ops.segments import Segments
 from spb2_jax.ops.sse import sse_aux_loss, sse_gdn, sse_gla, sse_route
+from spb2_jax.options import Kernels, ModelOptions
+from spb2_jax.parallel import rules
+
+_ONE_STEP = Kernels.resolve("reference")  # a single decoded token: one recurrence step, no chunk padding
 
 GLA_GATE_RANK = 16
 GLA_GATE_NORMALIZER = 16.0
@@ -45,26 +50,27 @@ class SSESWAMixer(nn.Module):
 
     config: SpB2Config
     kind: str
-    impl: str = dispatch.DEFAULT_IMPL
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    options: ModelOptions = ModelOptions()
 
-    def _dense(self, features, name, use_bias=False):
-        return dense(features, name, self.config.initializer_range, use_bias=use_bias, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+    def _dense(self, features, name, axes, use_bias=False):
+        return dense(features, name, self.config.initializer_range, axes=axes, use_bias=use_bias,
+                     dtype=self.options.dtype, param_dtype=self.options.param_dtype)
 
-    def _norm(self, name):
-        return RMSNorm(eps=self.config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def _norm(self, name, axis_name=rules.NORM):
+        return RMSNorm(eps=self.config.norm_eps, dtype=self.options.dtype, param_dtype=self.options.param_dtype,
+                       axis_name=axis_name, name=name)
 
-    def _low_rank(self, x, name, rank, out, out_bias=False):
+    def _low_rank(self, x, name, rank, out, out_axis, out_bias=False):
         """HF ``nn.Sequential(Linear(D, rank), Linear(rank, out))`` as ``{name}_0``, ``{name}_1``."""
-        return self._dense(out, f"{name}_1", use_bias=out_bias)(self._dense(rank, f"{name}_0")(x))
+        inner = self._dense(rank, f"{name}_0", (rules.EMBED, rules.LOW_RANK))(x)
+        return self._dense(out, f"{name}_1", (rules.LOW_RANK, out_axis), use_bias=out_bias)(inner)
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 deterministic: bool = True, cache: SSECache | None = None,
+    def __call__(self, x: jax.Array, segments: Segments, deterministic: bool = True, cache: SSECache | None = None,
                  step: CacheStep | None = None) -> tuple[jax.Array, jax.Array, SSECache | None]:
         c = self.config
+        x = rules.constrain(x, rules.HIDDEN)
+        positions = segments.positions
         if self.kind not in (LayerKind.SSE_GDN, LayerKind.SSE_GLA):
             raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
         is_gla = self.kind == LayerKind.SSE_GLA
@@ -74,11 +80,12 @@ class SSESWAMixer(nn.Module):
 
         # ---- SSE projections ----
         qkv_bias = c.attn.qkv_bias if is_gla else False
-        q1 = self._dense(H * Dh, "sse_q_proj", qkv_bias)(x)  # [B, T, N*H]
-        k1 = self._dense(H * Dh, "sse_k_proj", qkv_bias)(x)
-        q2 = q1 + self._low_rank(x, "lora_q_proj", Dh, H * Dh)
-        k2 = k1 + self._low_rank(x, "lora_k_proj", Dh, H * Dh)
-        v = self._dense(H * Dh, "sse_v_proj", qkv_bias)(x)
+        qh = (rules.EMBED, rules.Q_HEADS)
+        q1 = self._dense(H * Dh, "sse_q_proj", qh, qkv_bias)(x)  # [B, T, N*H]
+        k1 = self._dense(H * Dh, "sse_k_proj", qh, qkv_bias)(x)
+        q2 = q1 + self._low_rank(x, "lora_q_proj", Dh, H * Dh, rules.Q_HEADS)
+        k2 = k1 + self._low_rank(x, "lora_k_proj", Dh, H * Dh, rules.Q_HEADS)
+        v = self._dense(H * Dh, "sse_v_proj", qh, qkv_bias)(x)
         q1, q2, k1, k2, v = map(heads, (q1, q2, k1, k2, v))  # [B, T, H, Dh]
         qk_act = nn.relu if c.sse_qk_relu else nn.silu
         q1, q2 = qk_act(q1), qk_act(q2)
@@ -88,60 +95,71 @@ class SSESWAMixer(nn.Module):
         else:
             k1, k2 = qk_act(k1), qk_act(k2)
         v = nn.silu(v)
-        p, write, read = sse_route(self._dense(N, "sse_e_proj")(x), c.num_writer, c.num_reader)  # [B, T, N]
+        q1, q2, k1, k2, v = (rules.constrain(t, rules.HEADS) for t in (q1, q2, k1, k2, v))
+        router = self._dense(N, "sse_e_proj", (rules.EMBED, rules.PARTITIONS))(x)
+        p, write, read = sse_route(router, c.num_writer, c.num_reader)  # [B, T, N]
         form = c.sse_implementation
-        rec = dict(form=form, segment_ids=segment_ids, impl=self.impl,
+        rec = dict(form=form, segment_ids=segments, kernels=self.options.kernels,
                    initial_state=None if cache is None else cache.state)
         if cache is not None and x.shape[1] == 1:
-            rec["impl"] = "reference"  # one token: a single recurrence step, no chunk padding
+            rec["kernels"] = _ONE_STEP
 
         if is_gla:
-            gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, out_bias=True))
+            gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, rules.Q_HEADS,
+                                                 out_bias=True))
                             for i in range(2)], axis=2)  # [B, T, 2, H, Dh]
             gk = jax.nn.log_sigmoid(gk.astype(f32)) / GLA_GATE_NORMALIZER
             sse_o, state = sse_gla(q1, k1, q2, k2, v, gk, p, write, read, **rec)
         else:
-            beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj")(x).astype(f32))  # [B, T, 2H]
+            gates = (rules.EMBED, rules.GATE_HEADS)
+            beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj", gates)(x).astype(f32))  # [B, T, 2H]
             if c.allow_neg_eigval:
                 beta = beta * 2.0
-            a_log = self.param("A_log", _a_log_init, (2 * H,), self.param_dtype)
-            dt_bias = self.param("dt_bias", _dt_bias_init, (2 * H,), self.param_dtype)
-            a = self._dense(2 * H, "sse_a_proj")(x).astype(f32)
+            pd = self.options.param_dtype
+            a_log = self.param("A_log", partitioned(_a_log_init, rules.GATE_HEADS), (2 * H,), pd)
+            dt_bias = self.param("dt_bias", partitioned(_dt_bias_init, rules.GATE_HEADS), (2 * H,), pd)
+            a = self._dense(2 * H, "sse_a_proj", gates)(x).astype(f32)
             g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2H]
             two = lambda t: rearrange(t, "B T (two H) -> B T two H", two=2)  # noqa: E731
             sse_o, state = sse_gdn(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, **rec)
 
         if c.use_output_gate:
-            gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh))
-            sse_o = self._norm("sse_o_norm")(sse_o, gate)
+            gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh, rules.Q_HEADS))
+            sse_o = self._norm("sse_o_norm", rules.HEAD_DIM)(sse_o, gate)
         else:
-            sse_o = self._norm("sse_o_norm")(sse_o)
-        sse_o = self._dense(c.hidden_size, "sse_o_proj")(rearrange(sse_o, "B T N H -> B T (N H)"))
-        aux = sse_aux_loss(p, write, segment_ids != 0, c.num_writer)
+            sse_o = self._norm("sse_o_norm", rules.HEAD_DIM)(sse_o)
+        sse_o = rules.constrain(sse_o, rules.HEADS)
+        sse_o = self._dense(c.hidden_size, "sse_o_proj", (rules.Q_HEADS, rules.EMBED))(
+            rearrange(sse_o, "B T N H -> B T (N H)"))
+        aux = sse_aux_loss(p, write, segments.real, c.num_writer)
         sse_out = self._norm("sse_merge_norm")(sse_o)
 
         # ---- sliding-window attention ----
         a = c.attn
-        sq = rearrange(self._dense(H * Dh, "swa_q_proj", a.qkv_bias)(x), "B T (N H) -> B T N H", H=Dh)
-        sk = rearrange(self._dense(a.kv_heads * Dh, "swa_k_proj", a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
-        sv = rearrange(self._dense(a.kv_heads * Dh, "swa_v_proj", a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
+        kvh = (rules.EMBED, rules.KV_HEADS)
+        sq = rearrange(self._dense(H * Dh, "swa_q_proj", qh, a.qkv_bias)(x), "B T (N H) -> B T N H", H=Dh)
+        sk = rearrange(self._dense(a.kv_heads * Dh, "swa_k_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
+        sv = rearrange(self._dense(a.kv_heads * Dh, "swa_v_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
         if a.qk_norm:
-            sq, sk = self._norm("swa_q_norm")(sq), self._norm("swa_k_norm")(sk)
+            sq, sk = self._norm("swa_q_norm", rules.HEAD_DIM)(sq), self._norm("swa_k_norm", rules.HEAD_DIM)(sk)
         sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
+        sq, sk, sv = rules.constrain(sq, rules.HEADS), rules.constrain(sk, rules.KV), rules.constrain(sv, rules.KV)
         if cache is None or step.fresh:
-            swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segment_ids=segment_ids,
-                                              impl=self.impl)
+            swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segments=segments,
+                                              kernels=self.options.kernels)
         else:
             swa_o = self._window_over_cache(sq, sk, sv, cache, step)
         if cache is not None:
             cache = cache.append(sk, sv, step, state)
-        swa_o = self._dense(c.hidden_size, "swa_o_proj")(rearrange(swa_o, "B T N H -> B T (N H)"))
+        swa_o = rules.constrain(swa_o, rules.HEADS)
+        swa_o = self._dense(c.hidden_size, "swa_o_proj", (rules.Q_HEADS, rules.EMBED))(
+            rearrange(swa_o, "B T N H -> B T (N H)"))
         out = (sse_out + self._norm("swa_merge_norm")(swa_o)) / 2
 
         if not deterministic and c.swa_dropout > 0:
             drop = jax.random.uniform(self.make_rng("dropout"), ()) < c.swa_dropout
             out = jnp.where(drop, sse_out, out)
-        return out, aux, cache
+        return rules.constrain(out, rules.HIDDEN), aux, cache
 
     def _window_over_cache(self, q, k, v, cache: SSECache, step: CacheStep) -> jax.Array:
         """SWA of the new queries over the ring buffer (earlier tokens) plus the new keys."""

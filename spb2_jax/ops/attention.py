@@ -10,25 +10,20 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import segment_labels
+from spb2_jax.ops.segments import Segments, as_segments
 
 _MASKED = -1e30  # finite, so fully-masked rows give a finite softmax that is then zeroed
 
 
-def default_segment_ids(batch: int, length: int) -> jax.Array:
-    """All tokens real and in one segment: ``ones [B, T] int32``."""
-    return jnp.ones((batch, length), jnp.int32)
-
-
 def attention_mask(
-    segment_ids: jax.Array,
+    segments: Segments | jax.Array,
     *,
     causal: bool = True,
     window: int | None = None,
 ) -> jax.Array:
     """Boolean ``[B, T, T]``: query i may see key j (same segment, j <= i, i - j < window)."""
-    T = segment_ids.shape[-1]
-    labels = segment_labels(segment_ids)
+    B, T = segments.shape
+    labels = as_segments(segments, B, T).labels
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
     mask = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] != 0)  # [B, T, S]
@@ -80,12 +75,13 @@ def attention_reference(
     k: jax.Array,
     v: jax.Array,
     *,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
 ) -> jax.Array:
-    """Causal (optionally sliding-window) GQA attention that never mixes segments (0 = padding)."""
-    if segment_ids is None:
-        segment_ids = default_segment_ids(q.shape[0], q.shape[1])
-    return dot_product_attention(q, k, v, attention_mask(segment_ids, causal=causal, window=window), scale=scale)
+    """Causal (optionally sliding-window) GQA attention that never mixes segments (0 = padding).
+
+    ``segment_ids``: ``[B, T]`` ids or a ``Segments`` (what the model passes)."""
+    segments = as_segments(segment_ids, q.shape[0], q.shape[1])
+    return dot_product_attention(q, k, v, attention_mask(segments, causal=causal, window=window), scale=scale)

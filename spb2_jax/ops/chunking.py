@@ -26,15 +26,16 @@ def plan_groups(T: int, chunk_size: int, group: int) -> tuple[int, int]:
     return m, math.ceil(chunks / m)
 
 
-def chunk_groups(arrays, segment_ids: jax.Array, chunk_size: int, group: int) -> tuple[jax.Array, ...]:
+def chunk_groups(arrays, labels: jax.Array, chunk_size: int, group: int) -> tuple[jax.Array, ...]:
     """Lay out ``[B, T, H, ...]`` arrays as ``[m, N, B, H, C, ...]`` and append the run ids of the chunks,
-    ``runs [m, N, B, C]`` and ``run_before [m, N, B]`` (see ``segments.chunk_runs``)."""
-    T = segment_ids.shape[1]
+    ``runs [m, N, B, C]`` and ``run_before [m, N, B]``, from the segment ``labels [B, T]`` (see
+    ``segments.chunk_runs``)."""
+    T = labels.shape[1]
     m, N = plan_groups(T, chunk_size, group)
     size = m * N * chunk_size
     out = tuple(rearrange(pad_time(x, size), "B (m N C) H ... -> m N B H C ...", N=N, C=chunk_size)
                 for x in arrays)
-    runs, run_before = chunk_runs(pad_time(segment_ids, size), chunk_size)
+    runs, run_before = chunk_runs(pad_time(labels, size), chunk_size)
     return out + (runs.reshape(m, N, *runs.shape[1:]), run_before.reshape(m, N, *run_before.shape[1:]))
 
 

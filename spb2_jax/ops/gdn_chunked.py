@@ -36,12 +36,11 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from pallas_kernels.platform import default_interpret
 from pallas_kernels.gated_delta_rule import gated_delta_rule_fwd
 from spb2_jax.ops.chunking import chunk_groups, from_groups
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
-from spb2_jax.ops.segments import chunk_runs, pad_time
+from spb2_jax.ops.segments import Segments, as_segments, chunk_runs, pad_time
 from spb2_jax.ops.triangular import unit_lower_inverse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -57,20 +56,25 @@ def chunk_gated_delta_rule(
     *,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     chunk_size: int = 64,
     use_qk_l2norm: bool = True,
     impl: str = "xla",
+    interpret: bool = False,
+    target: str = "triton",
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule, chunked; same contract as ``gated_delta_rule_reference``.
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: log decays ``[B, T, H]`` (<= 0); beta: ``[B, T, H]``
         (in (0, 2) with negative eigenvalues).
-      scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``. segment_ids: ``[B, T]``, 0 = padding.
+      scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``.
+      segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``.
       chunk_size: C; T need not be a multiple. use_qk_l2norm: L2-normalise q and k (eps 1e-6 in the sqrt).
       impl: ``"xla"`` (grouped chunk scan below) or ``"pallas"`` (forward in the Pallas kernel
-        ``pallas_kernels.gated_delta_rule``, interpret mode on CPU; gradients through the XLA path).
+        ``pallas_kernels.gated_delta_rule``, float32 only; gradients through the XLA path).
+      interpret, target: the Pallas kernel's mode and target (``spb2_jax.options.Kernels``; CPU needs
+        ``interpret=True``).
     Returns:
       ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` (float32 or wider).
     """
@@ -83,10 +87,12 @@ def chunk_gated_delta_rule(
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
     acc = acc_dtype(q, k, v, g, beta)
+    if impl == "pallas" and acc != jnp.float32:
+        raise ValueError(f"impl='pallas': the gated-delta-rule kernel is float32-only, inputs accumulate in {acc}; "
+                         "use impl='xla' (resolve_options does so for float64)")
     scale = K ** -0.5 if scale is None else scale
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    real = (segment_ids != 0)[..., None]  # [B, T, 1]
+    seg = as_segments(segment_ids, B, T)
+    real = seg.real[..., None]  # [B, T, 1]
     out_dtype = v.dtype
     q, k, v, g, beta = (x.astype(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
@@ -96,39 +102,43 @@ def chunk_gated_delta_rule(
     g = jnp.where(real, g, 0.0)
     beta = jnp.where(real, beta, 0.0)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    core = _pallas_core if impl == "pallas" and acc == jnp.float32 else _xla_core
-    o, S = core(q, k, v, g, beta, S0, segment_ids, chunk_size)
+    if impl == "pallas":
+        o, S = _pallas_core(q, k, v, g, beta, S0, seg.labels, chunk_size, interpret, target)
+    else:
+        o, S = _xla_core(q, k, v, g, beta, S0, seg.labels, chunk_size)
     return o.astype(out_dtype), S
 
 
-def _xla_core(q, k, v, g, beta, S0, segment_ids, chunk_size):
+def _xla_core(q, k, v, g, beta, S0, labels, chunk_size):
     """Prepared inputs (normalised, scaled, padding zeroed) -> ``(o [B, T, H, V], S)``: grouped chunk scan."""
-    xs = chunk_groups((q, k, v, g, beta), segment_ids, chunk_size, _GROUP)
+    xs = chunk_groups((q, k, v, g, beta), labels, chunk_size, _GROUP)
     S, o = jax.lax.scan(jax.checkpoint(_group_step, prevent_cse=False), S0, xs)
     return from_groups(o, q.shape[1]), S
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pallas_core(q, k, v, g, beta, S0, segment_ids, chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas_core(q, k, v, g, beta, S0, labels, chunk_size, interpret, target):
     """``_xla_core`` with the forward in the Pallas kernel; the backward is the VJP of ``_xla_core`` (the kernel
     has no backward yet). float32 only (float64 tests use the XLA path)."""
     T = q.shape[1]
     C = chunk_size
     padded = [pad_time(x, C) for x in (q, k, v, g, beta)]
-    runs, run_before = chunk_runs(segment_ids, C)  # [n, B, C], [n, B]
+    runs, run_before = chunk_runs(labels, C)  # [n, B, C], [n, B]
     runs = rearrange(runs, "n B C -> B (n C)")
     o, S = gated_delta_rule_fwd(*padded, runs, jnp.moveaxis(run_before, 0, 1), S0, chunk_size=C,
-                                interpret=default_interpret())
+                                interpret=interpret, target=target)
     return o[:, :T], S
 
 
-def _pallas_fwd(q, k, v, g, beta, S0, segment_ids, chunk_size):
-    return _pallas_core(q, k, v, g, beta, S0, segment_ids, chunk_size), (q, k, v, g, beta, S0, segment_ids)
+def _pallas_fwd(q, k, v, g, beta, S0, labels, chunk_size, interpret, target):
+    out = _pallas_core(q, k, v, g, beta, S0, labels, chunk_size, interpret, target)
+    return out, (q, k, v, g, beta, S0, labels)
 
 
-def _pallas_bwd(chunk_size, res, cot):
-    *diff, segment_ids = res
-    _, vjp = jax.vjp(lambda *a: _xla_core(*a, segment_ids, chunk_size), *diff)
+def _pallas_bwd(chunk_size, interpret, target, res, cot):
+    del interpret, target
+    *diff, labels = res
+    _, vjp = jax.vjp(lambda *a: _xla_core(*a, labels, chunk_size), *diff)
     return (*vjp(cot), None)
 
 

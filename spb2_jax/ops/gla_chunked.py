@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import chunk_runs, pad_time
+from spb2_jax.ops.segments import Segments, as_segments, chunk_runs, pad_time
 
 
 def chunk_gla(
@@ -31,14 +31,15 @@ def chunk_gla(
     *,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     chunk_size: int = 64,
 ) -> tuple[jax.Array, jax.Array]:
     """GLA, chunked; same contract as ``gla_reference``.
 
     Args:
       q, k, gk: ``[B, T, H, K]`` (gk = log gates <= 0); v: ``[B, T, H, V]``; scale: default ``K ** -0.5``.
-      initial_state: ``[B, H, K, V]``; segment_ids: ``[B, T]``, 0 = padding; chunk_size: C (any T).
+      initial_state: ``[B, H, K, V]``; segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``;
+      chunk_size: C (any T).
     Returns:
       ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` (float32 or wider).
     """
@@ -50,9 +51,8 @@ def chunk_gla(
         raise ValueError(f"{chunk_size=} must be positive")
     acc = acc_dtype(q, k, v, gk)
     scale = K ** -0.5 if scale is None else scale
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    real = (segment_ids != 0)[..., None, None]  # [B, T, 1, 1]
+    seg = as_segments(segment_ids, B, T)
+    real = seg.real[..., None, None]  # [B, T, 1, 1]
     q = jnp.where(real, q.astype(acc) * scale, 0.0)
     k = jnp.where(real, k.astype(acc), 0.0)
     gk = jnp.where(real, gk.astype(acc), 0.0)
@@ -61,7 +61,7 @@ def chunk_gla(
     C = chunk_size
     q, k, v, gk = (pad_time(x, C) for x in (q, k, v, gk))
     to_chunks = lambda x: rearrange(x, "B (n C) H ... -> n B H C ...", C=C)  # noqa: E731
-    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk)) + chunk_runs(segment_ids, C)
+    xs = (to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(gk)) + chunk_runs(seg.labels, C)
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
     S, o = jax.lax.scan(jax.checkpoint(_chunk_step, prevent_cse=False), S0, xs)
     o = rearrange(o, "n B H C V -> B (n C) H V")[:, :T]

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from spb2_jax.ops.attention import attention_mask, default_segment_ids, dot_product_attention
+from spb2_jax.ops.attention import attention_mask, dot_product_attention
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import segment_labels, segment_positions
+from spb2_jax.ops.segments import Segments, as_segments
 
 
 def moba_selection(
@@ -23,15 +23,16 @@ def moba_selection(
     *,
     chunk_size: int,
     topk: int,
-    segment_ids: jax.Array,
+    segment_ids: Segments | jax.Array,
 ) -> jax.Array:
     """Selected blocks per query token and head: boolean ``[B, N, T, nblk]`` (block index within the segment)."""
     B, T, N, H = q.shape
     K = k.shape[2]
+    seg = as_segments(segment_ids, B, T)
     nblk = -(-T // chunk_size)
-    blk = segment_positions(segment_ids) // chunk_size  # [B, T]
+    blk = seg.positions // chunk_size  # [B, T]
     # member[b, t, n, s]: key s is in block n of query t's segment
-    labels = segment_labels(segment_ids)
+    labels = seg.labels
     same_seg = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] != 0)  # [B, T, S]
     member = same_seg[:, :, None, :] & (blk[:, None, None, :] == jnp.arange(nblk)[None, None, :, None])
     acc = acc_dtype(q, k)
@@ -60,15 +61,14 @@ def moba_attention_reference(
     *,
     chunk_size: int,
     topk: int,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
     """MoBA attention, ``q [B, T, N, H]``, ``k, v [B, T, K, H]`` -> ``[B, T, N, H]``; 0-segments are padding."""
-    if segment_ids is None:
-        segment_ids = default_segment_ids(q.shape[0], q.shape[1])
-    selected = moba_selection(q, k, chunk_size=chunk_size, topk=topk, segment_ids=segment_ids)
-    blk = segment_positions(segment_ids) // chunk_size  # [B, S]
+    seg = as_segments(segment_ids, q.shape[0], q.shape[1])
+    selected = moba_selection(q, k, chunk_size=chunk_size, topk=topk, segment_ids=seg)
+    blk = seg.positions // chunk_size  # [B, S]
     key_selected = jnp.take_along_axis(
         selected, jnp.broadcast_to(blk[:, None, None, :], selected.shape[:3] + blk.shape[-1:]), axis=-1)
-    mask = attention_mask(segment_ids, causal=True)[:, None] & key_selected  # [B, N, T, S]
+    mask = attention_mask(seg, causal=True)[:, None] & key_selected  # [B, N, T, S]
     return dot_product_attention(q, k, v, mask, scale=scale)

@@ -25,23 +25,25 @@ from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.moba import moba_flash_attention
 from pallas_kernels.sliding_window import causal_flash_attention
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import pad_time, segment_labels, segment_positions
+from spb2_jax.ops.segments import Segments, as_segments, pad_time
 
 _MASKED = -1e30
 
 
-def _segment_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Global start index and end index (exclusive) of every token's segment, ``[B, T]`` each."""
-    B, T = segment_ids.shape
+def _segment_bounds(seg: Segments) -> tuple[jax.Array, jax.Array]:
+    """Start index and end index (exclusive) of every token's segment in this array, ``[B, T]`` each."""
+    B, T = seg.shape
     idx = jnp.arange(T, dtype=jnp.int32)
-    start = idx - segment_positions(segment_ids)
-    is_end = jnp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((B, 1), bool)], axis=1)
+    start = idx - seg.positions
+    labels = seg.labels
+    is_end = jnp.concatenate([labels[:, 1:] != labels[:, :-1], jnp.ones((B, 1), bool)], axis=1)
     end = jax.lax.cummin(jnp.where(is_end, idx + 1, T), axis=1, reverse=True)
     return start, end
 
 
 def moba_select_blocks(
-    q: jax.Array, k: jax.Array, *, chunk_size: int, topk: int, segment_ids: jax.Array, tile: int = 64,
+    q: jax.Array, k: jax.Array, *, chunk_size: int, topk: int, segment_ids: Segments | jax.Array | None,
+    tile: int = 64,
 ) -> jax.Array:
     """Top-(k-1) strictly earlier blocks per query token and head: ``[B, T, N, k-1]`` int32, -1 = none.
 
@@ -54,8 +56,9 @@ def moba_select_blocks(
     if R <= 0:
         return jnp.zeros((B, T, N, 0), jnp.int32)
     acc = acc_dtype(q, k)
-    real = segment_ids != 0
-    pos = segment_positions(segment_ids)
+    seg = as_segments(segment_ids, B, T)
+    real = seg.real
+    pos = seg.positions
     blk = pos // C
     bid = jnp.maximum(jnp.cumsum(real & (pos % C == 0), axis=1) - 1, 0)  # global block id of each token
     kr = jnp.where(real[..., None, None], k.astype(acc), 0.0)
@@ -124,21 +127,25 @@ def moba_attention(
     *,
     chunk_size: int,
     topk: int,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
     impl: str = "xla",
+    interpret: bool = False,
+    target: str = "triton",
+    algorithm: str | None = None,
 ) -> jax.Array:
     """MoBA attention that touches only the selected key blocks; equals ``moba_attention_reference``.
 
     Args:
       q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]`` (GQA, ``N % K == 0``).
       chunk_size: MoBA block size C; topk: blocks per query token (own block included).
-      segment_ids: ``[B, T]``, 0 = padding; blocks restart at every segment start.
+      segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``; blocks restart at every segment start.
       scale: default ``H ** -0.5``. block_size: query/key tile size of the attention loop.
       impl: ``"xla"`` (tile loop below) or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same
-        selection — its gathered kernels on GPU, the query-major union kernel on TPU; interpret mode on CPU; its
-        tile is ``block_size`` rounded to a power of two, at most 128).
+        selection; its tile is ``block_size`` rounded to a power of two, at most 128).
+      interpret, target, algorithm: the Pallas kernels' mode, target and MoBA algorithm (``"gathered"``: work =
+        the selected pairs, GPU style only; ``"union"``; None: by target) — see ``spb2_jax.options.Kernels``.
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
@@ -150,26 +157,25 @@ def moba_attention(
         raise ValueError(f"{chunk_size=} and {topk=} must be positive")
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
+    seg = as_segments(segment_ids, B, T)
     scale = H ** -0.5 if scale is None else scale
     C = chunk_size
     acc = acc_dtype(q, k, v)
     # integer selection: no gradient flows through it (stop_gradient keeps it out of the backward graph)
     sel = moba_select_blocks(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), chunk_size=C, topk=topk,
-                             segment_ids=segment_ids)  # [B, T, N, R]
+                             segment_ids=seg)  # [B, T, N, R]
     if impl == "pallas":
-        return moba_flash_attention(q, k, v, sel=sel, seg=segment_labels(segment_ids),
-                                    pos=segment_positions(segment_ids), chunk_size=C, scale=scale,
-                                    block_sizes=BlockSizes.from_request(block_size, T))
-    real = segment_ids != 0
-    blk = segment_positions(segment_ids) // C
-    seg_start, seg_end = _segment_bounds(segment_ids)
+        return moba_flash_attention(q, k, v, sel=sel, seg=seg.labels, pos=seg.positions, chunk_size=C, scale=scale,
+                                    block_sizes=BlockSizes.from_request(block_size, T), interpret=interpret,
+                                    target=target, algorithm=algorithm)
+    real = seg.real
+    blk = seg.positions // C
+    seg_start, seg_end = _segment_bounds(seg)
     bs = max(1, min(block_size, T))
     nT = -(-T // bs)
     need = _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT)
 
-    seg_p, blk_p, sel_p = pad_time(segment_labels(segment_ids), bs), pad_time(blk, bs), pad_time(sel, bs, -1)
+    seg_p, blk_p, sel_p = pad_time(seg.labels, bs), pad_time(blk, bs), pad_time(sel, bs, -1)
     qp, kp, vp = (pad_time(x.astype(acc), bs) for x in (q, k, v))
     idx = jnp.arange(nT * bs, dtype=jnp.int32)
 
@@ -217,22 +223,26 @@ def causal_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
     impl: str = "xla",
+    interpret: bool = False,
+    target: str = "triton",
 ) -> jax.Array:
     """Tiled full causal GQA attention inside segments, memory O(T * block_size) per query tile.
 
     It is the MoBA tile loop with one block per segment (``topk = 1``, block = the whole sequence): every
     query's own block is all its earlier keys, so only key tiles at or before the query tile are visited.
+    ``impl="pallas"``: ``pallas_kernels.causal_flash_attention`` (``interpret``, ``target`` as in
+    ``moba_attention``).
     """
-    T = q.shape[1]
+    B, T = q.shape[:2]
+    seg = as_segments(segment_ids, B, T)
     if impl == "pallas":
-        if segment_ids is None:
-            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-        return causal_flash_attention(q, k, v, seg=segment_labels(segment_ids), scale=scale,
-                                      block_sizes=BlockSizes.from_request(block_size, T))
-    return moba_attention(q, k, v, chunk_size=max(T, 1), topk=1, segment_ids=segment_ids, scale=scale,
+        return causal_flash_attention(q, k, v, seg=seg.labels, scale=scale,
+                                      block_sizes=BlockSizes.from_request(block_size, T), interpret=interpret,
+                                      target=target)
+    return moba_attention(q, k, v, chunk_size=max(T, 1), topk=1, segment_ids=seg, scale=scale,
                           block_size=block_size, impl=impl)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.norms import l2_norm
-from spb2_jax.ops.segments import segment_labels
+from spb2_jax.ops.segments import Segments, as_segments
 
 
 def _segment_scan(
@@ -23,13 +23,11 @@ def _segment_scan(
     xs: tuple[jax.Array, ...],
     state_shape: tuple[int, ...],
     initial_state: jax.Array | None,
-    segment_ids: jax.Array | None,
+    segment_ids: Segments | jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Scan ``step(state, x_t) -> (new_state, o_t)`` over axis 1 of every array in ``xs`` with segment resets."""
     B, T = xs[0].shape[:2]
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    labels = segment_labels(segment_ids)
+    labels = as_segments(segment_ids, B, T).labels
     acc = acc_dtype(*xs)
     state0 = jnp.zeros(state_shape, acc) if initial_state is None else initial_state.astype(acc)
     bshape = (B,) + (1,) * (len(state_shape) - 1)
@@ -60,7 +58,7 @@ def gated_delta_rule_reference(
     *,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     use_qk_l2norm: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule, token by token.
@@ -70,7 +68,7 @@ def gated_delta_rule_reference(
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g (log decay, <= 0), beta: ``[B, T, H]``.
       scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``.
-      segment_ids: ``[B, T]`` int, 0 = padding (see module docstring).
+      segment_ids: ``[B, T]`` int (0 = padding) or a ``Segments`` (see module docstring).
       use_qk_l2norm: L2-normalise q and k over K first (eps 1e-6 inside the sqrt).
     Returns:
       ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` float32.
@@ -102,7 +100,7 @@ def gla_reference(
     *,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Gated linear attention with per-key log gates, token by token.
 

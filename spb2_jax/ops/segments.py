@@ -7,12 +7,65 @@ first segment of each row, which continues ``initial_state`` (so a left-padded r
 
 An HF ``attention_mask`` with left or right padding is therefore exactly the official unpadded semantics;
 zeros *inside* a row would split it into two segments.
+
+``Segments`` is what every op receives: built ONCE per forward by the model (``Segments.from_ids``) and passed
+down, so that an op never re-derives labels or positions from the ids it sees. Under sequence parallelism a
+device holds a slice of the time axis; the slice of a ``Segments`` keeps the GLOBAL labels and positions, which
+a slice of the ids alone could not give.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Segments:
+    """Segment metadata of a batch, every field ``[B, T] int32``.
+
+    Attributes:
+      ids: segment ids as given (0 = padding).
+      labels: 0 for padding, k for the k-th segment of the row (1-based, counted from the row start).
+      positions: position of every token inside its segment (0 at the segment start; the RoPE position).
+    """
+
+    ids: jax.Array
+    labels: jax.Array
+    positions: jax.Array
+
+    @classmethod
+    def from_ids(cls, segment_ids: jax.Array) -> "Segments":
+        """Labels and positions of ``segment_ids [B, T]`` (the whole rows: call it before any slicing)."""
+        ids = jnp.asarray(segment_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"segment_ids must be [batch, time], got shape {ids.shape}")
+        return cls(ids=ids, labels=segment_labels(ids), positions=segment_positions(ids))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ids.shape
+
+    @property
+    def real(self) -> jax.Array:
+        """``[B, T]`` bool: the token is not padding."""
+        return self.ids != 0
+
+
+def as_segments(segment_ids: "jax.Array | Segments | None", batch: int, length: int) -> Segments:
+    """The ``Segments`` an op works with: passed through, built from ids, or one segment per row (None).
+
+    Public ops accept either form; the model always passes a ``Segments`` built once per forward."""
+    if isinstance(segment_ids, Segments):
+        seg = segment_ids
+    elif segment_ids is None:
+        seg = Segments.from_ids(jnp.ones((batch, length), jnp.int32))
+    else:
+        seg = Segments.from_ids(segment_ids)
+    if seg.shape != (batch, length):
+        raise ValueError(f"segment_ids shape {seg.shape} != (batch, time) = {(batch, length)} of the inputs")
+    return seg
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
@@ -36,11 +89,11 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
 
 
-def run_ids(segment_ids: jax.Array) -> jax.Array:
-    """``[B, T] int32`` state-run index for chunked recurrences: the segment label, carried forward over
-    padding (which is a no-op), with leading padding merged into the first segment (run 1, which owns
-    ``initial_state``). Two tokens share a recurrent state iff their run ids are equal."""
-    return jnp.maximum(jax.lax.cummax(segment_labels(segment_ids), axis=1), 1)
+def run_ids(labels: jax.Array) -> jax.Array:
+    """``[B, T] int32`` state-run index for chunked recurrences from segment ``labels``: the label, carried
+    forward over padding (which is a no-op), with leading padding merged into the first segment (run 1, which
+    owns ``initial_state``). Two tokens share a recurrent state iff their run ids are equal."""
+    return jnp.maximum(jax.lax.cummax(labels, axis=1), 1)
 
 
 def pad_time(x: jax.Array, multiple: int, value=0) -> jax.Array:
@@ -54,13 +107,13 @@ def pad_time(x: jax.Array, multiple: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def chunk_runs(segment_ids: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Run ids laid out for a chunked scan: ``runs [n, B, C]`` (the padded tail continues the last run; it holds
-    only no-op tokens) and ``run_before [n, B]``, the run that owns the state entering each chunk (run 1, which
-    owns ``initial_state``, for the first chunk)."""
-    B, T = segment_ids.shape
+def chunk_runs(labels: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Run ids of segment ``labels [B, T]`` laid out for a chunked scan: ``runs [n, B, C]`` (the padded tail
+    continues the last run; it holds only no-op tokens) and ``run_before [n, B]``, the run that owns the state
+    entering each chunk (run 1, which owns ``initial_state``, for the first chunk)."""
+    B, T = labels.shape
     C = chunk_size
-    runs = pad_time(run_ids(segment_ids), C)
+    runs = pad_time(run_ids(labels), C)
     if runs.shape[1] > T:
         runs = runs.at[:, T:].set(runs[:, T - 1:T])
     run_before = jnp.concatenate([jnp.ones((B, 1), runs.dtype), runs[:, C - 1:-1:C]], axis=1)  # [B, n]

@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops import dispatch
+from spb2_jax.ops.dtypes import acc_dtype
+from spb2_jax.ops.segments import Segments, as_segments
+from spb2_jax.options import Kernels
 
 FORMS = ("varlen", "mask")
+_REFERENCE = Kernels.resolve("reference")
 
 
 def topk_mask(p: jax.Array, k: int) -> jax.Array:
@@ -92,9 +95,9 @@ def _state_in(initial_state):
 def sse_gdn(
     q1, k1, q2, k2, v, g, beta, p, write, read, *,
     form: str = "varlen",
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     initial_state: jax.Array | None = None,
-    impl: str = dispatch.DEFAULT_IMPL,
+    kernels: Kernels = Kernels(),
 ) -> tuple[jax.Array, jax.Array]:
     """SSE with the gated delta rule (q, k L2-normalised inside the recurrence).
 
@@ -103,8 +106,10 @@ def sse_gdn(
       g, beta: ``[B, T, 2, H]``: index 0 -> shared branch, 1 -> sparse branch.
       p: router probabilities ``[B, T, N]``; write, read: boolean ``[B, T, N]``.
       form: ``"varlen"`` or ``"mask"`` (module docstring). initial_state: ``[B, 1 + N, H, K, V]``.
-      impl: recurrence implementation (``spb2_jax.ops.dispatch``): ``"reference"`` (token scan) or ``"xla"``
-        (chunked, O(T)); a non-writing token is an exact no-op on a partition in both.
+      segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``.
+      kernels: the resolved ``spb2_jax.options.Kernels`` (default: the XLA chunked recurrences; ``gdn`` /
+        ``gla`` field pick the path, ``spb2_jax.ops.dispatch``); a non-writing token is an exact no-op on a
+        partition in every path.
     Returns:
       ``o [B, T, H, V]`` (``v.dtype``) and the final states ``[B, 1 + N, H, K, V]`` float32.
     """
@@ -120,7 +125,8 @@ def sse_gdn(
     o, state = dispatch.gated_delta_rule(
         _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse),
         rearrange(g_all, "B T n H -> B T (n H)"), rearrange(b_all, "B T n H -> B T (n H)"),
-        initial_state=_state_in(initial_state), segment_ids=segment_ids, use_qk_l2norm=True, impl=impl)
+        initial_state=_state_in(initial_state), segments=as_segments(segment_ids, *p.shape[:2]), kernels=kernels,
+        use_qk_l2norm=True)
     out = _split_out(o, out_mask, N + 1).astype(v.dtype)
     return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
 
@@ -128,16 +134,16 @@ def sse_gdn(
 def sse_gla(
     q1, k1, q2, k2, v, gk, p, write, read, *,
     form: str = "varlen",
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     initial_state: jax.Array | None = None,
-    impl: str = dispatch.DEFAULT_IMPL,
+    kernels: Kernels = Kernels(),
 ) -> tuple[jax.Array, jax.Array]:
     """SSE with gated linear attention (per-key log gates).
 
     Args:
       q1, k1, q2, k2: ``[B, T, H, K]`` after the feature maps; v: ``[B, T, H, V]``.
       gk: ``[B, T, 2, H, K]`` log gates: index 0 -> shared branch, 1 -> sparse branch.
-      p, write, read, form, segment_ids, initial_state, impl: as in ``sse_gdn``.
+      p, write, read, form, segment_ids, initial_state, kernels: as in ``sse_gdn``.
     Returns:
       ``o [B, T, H, V]`` and the final states ``[B, 1 + N, H, K, V]`` float32.
     """
@@ -151,16 +157,16 @@ def sse_gla(
         v_sparse = v_sparse * write.astype(v.dtype)[..., None, None]
     o, state = dispatch.gla(
         _cat_heads(q1, qn), _cat_heads(k1, kn), _cat_heads(v, v_sparse), _cat_heads(gk[:, :, 0], gk_sparse),
-        initial_state=_state_in(initial_state), segment_ids=segment_ids, impl=impl)
+        initial_state=_state_in(initial_state), segments=as_segments(segment_ids, *p.shape[:2]), kernels=kernels)
     out = _split_out(o, out_mask, N + 1).astype(v.dtype)
     return out, rearrange(state, "B (n H) K V -> B n H K V", n=N + 1)
 
 
 def sse_gdn_reference(*args, **kwargs) -> tuple[jax.Array, jax.Array]:
     """``sse_gdn`` with the per-token reference recurrence."""
-    return sse_gdn(*args, **kwargs, impl="reference")
+    return sse_gdn(*args, **kwargs, kernels=_REFERENCE)
 
 
 def sse_gla_reference(*args, **kwargs) -> tuple[jax.Array, jax.Array]:
     """``sse_gla`` with the per-token reference recurrence."""
-    return sse_gla(*args, **kwargs, impl="reference")
+    return sse_gla(*args, **kwargs, kernels=_REFERENCE)

@@ -15,7 +15,7 @@ from einops import rearrange
 from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.sliding_window import sliding_window_flash_attention
 from spb2_jax.ops.attention import dot_product_attention
-from spb2_jax.ops.segments import pad_time, segment_labels
+from spb2_jax.ops.segments import Segments, as_segments, pad_time
 
 
 def _band(x: jax.Array, n_prev: int, bs: int) -> jax.Array:
@@ -33,19 +33,23 @@ def sliding_window_attention(
     v: jax.Array,
     *,
     window: int,
-    segment_ids: jax.Array | None = None,
+    segment_ids: Segments | jax.Array | None = None,
     scale: float | None = None,
     block_size: int = 128,
     impl: str = "xla",
+    interpret: bool = False,
+    target: str = "triton",
 ) -> jax.Array:
     """Causal sliding-window GQA attention: query i sees keys j with ``i - window < j <= i`` in its segment.
 
     Args:
       q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]`` (``N % K == 0``).
-      window: window size W (> 0). segment_ids: ``[B, T]``, 0 = padding (zero output). scale: default H^-0.5.
+      window: window size W (> 0). segment_ids: ``[B, T]`` ids (0 = padding: zero output) or a ``Segments``.
+      scale: default H^-0.5.
       block_size: query/key tile size; memory is O(T * (W + block_size)).
       impl: ``"xla"`` (banded einsum below) or ``"pallas"`` (``pallas_kernels.sliding_window_flash_attention``,
-        interpret mode on CPU; its tile is ``block_size`` rounded to a power of two, at most 128).
+        its tile is ``block_size`` rounded to a power of two, at most 128).
+      interpret, target: the Pallas kernel's mode and target (``spb2_jax.options.Kernels``).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``; equals ``attention_reference(..., window=window)``.
     """
@@ -56,15 +60,15 @@ def sliding_window_attention(
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape}")
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
+    labels = as_segments(segment_ids, B, T).labels
     if impl == "pallas":
-        return sliding_window_flash_attention(q, k, v, window=window, seg=segment_labels(segment_ids), scale=scale,
-                                              block_sizes=BlockSizes.from_request(block_size, T))
+        return sliding_window_flash_attention(q, k, v, window=window, seg=labels, scale=scale,
+                                              block_sizes=BlockSizes.from_request(block_size, T),
+                                              interpret=interpret, target=target)
     bs = max(1, min(block_size, T))
     n_prev = -(-(window - 1) // bs)
     qp, kp, vp = (pad_time(x, bs) for x in (q, k, v))
-    segp = pad_time(segment_labels(segment_ids), bs)  # padded tail: segment 0
+    segp = pad_time(labels, bs)  # padded tail: segment 0
     idx = jnp.arange(segp.shape[1], dtype=jnp.int32)
     qi = rearrange(idx, "(n C) -> n C", C=bs)  # [nT, bs]
     ki = _band(jnp.broadcast_to(idx, segp.shape), n_prev, bs)[0]  # [nT, (n_prev+1) bs]

@@ -1,0 +1,96 @@
+"""Logical axis names and the ONE table that maps them to mesh axes.
+
+Layers name the axes of every parameter (``nn.with_logical_partitioning`` in ``spb2_jax.layers.common``) and of
+the activations at block boundaries and at the token mixers' inputs / outputs (``constrain``); no layer names a
+mesh axis. ``RULES`` maps each logical name to mesh axes of a mesh whose axes are ``MESH_AXES``; under
+``use_rules(mesh)`` the model's ``with_logical_constraint`` calls become sharding constraints, and without it they
+are no-ops (a single device).
+
+Mesh axes: ``data`` (data parallel: batch), ``fsdp`` (batch, and parameters sharded over the model width),
+``tensor`` (heads, MLP width, vocabulary), ``sequence`` (contiguous shards of the time axis).
+
+Parameter axes:
+
+==============  =============================================================  ==========
+name            what                                                           mesh axes
+==============  =============================================================  ==========
+``vocab``       vocabulary rows of the embeddings / lm_head                    tensor
+``embed``       the model width D (input side of projections, output of o/down) fsdp
+``mlp``         the gated MLP's intermediate width                             tensor
+``q_heads``     query / SSE / output heads x head dim, flattened (N H)         tensor
+``kv_heads``    key / value heads x head dim, flattened (K H)                  tensor
+``head_dim``    per-head norm scales (q_norm, k_norm, sse_o_norm)              replicated
+``low_rank``    the inner dim of low-rank projections (lora, gates, g_proj)    replicated
+``partitions``  SSE router outputs (N partitions)                              replicated
+``gate_heads``  per-head GDN gates / decays (2 H: shared + sparse branch)      replicated
+``norm``        RMSNorm scales over D                                          replicated
+==============  =============================================================  ==========
+
+Activation axes: ``act_batch`` (data, fsdp), ``act_seq`` (sequence), ``act_embed`` (replicated),
+``act_heads`` (tensor), ``act_kv_heads`` (tensor), ``act_head_dim`` (replicated).
+
+Shape letters used in docstrings and ``# [...]`` comments across the package (one vocabulary):
+B batch, T query time, S key time, D model width, V vocabulary, F MLP width, N query heads, K kv heads (or the
+key dim of a recurrence state), G = N // K GQA group, H head dim, C chunk / block size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# parameter axes
+VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS = "vocab", "embed", "mlp", "q_heads", "kv_heads"
+HEAD_DIM, LOW_RANK, PARTITIONS, GATE_HEADS, NORM = "head_dim", "low_rank", "partitions", "gate_heads", "norm"
+# activation axes
+ACT_BATCH, ACT_SEQ, ACT_EMBED = "act_batch", "act_seq", "act_embed"
+ACT_HEADS, ACT_KV_HEADS, ACT_HEAD_DIM = "act_heads", "act_kv_heads", "act_head_dim"
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (VOCAB, "tensor"),
+    (EMBED, "fsdp"),
+    (MLP, "tensor"),
+    (Q_HEADS, "tensor"),
+    (KV_HEADS, "tensor"),
+    (HEAD_DIM, None),
+    (LOW_RANK, None),
+    (PARTITIONS, None),
+    (GATE_HEADS, None),
+    (NORM, None),
+    (ACT_BATCH, ("data", "fsdp")),
+    (ACT_SEQ, "sequence"),
+    (ACT_EMBED, None),
+    (ACT_HEADS, "tensor"),
+    (ACT_KV_HEADS, "tensor"),
+    (ACT_HEAD_DIM, None),
+)
+
+# block-boundary activations [B, T, D] and token-mixer head tensors [B, T, N, H] / [B, T, K, H]
+HIDDEN = (ACT_BATCH, ACT_SEQ, ACT_EMBED)
+HEADS = (ACT_BATCH, ACT_SEQ, ACT_HEADS, ACT_HEAD_DIM)
+KV = (ACT_BATCH, ACT_SEQ, ACT_KV_HEADS, ACT_HEAD_DIM)
+
+
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    """``nn.with_logical_constraint`` by logical names: a sharding constraint under ``use_rules``, else x."""
+    return nn.with_logical_constraint(x, names)
+
+
+def mesh_axes_of(name: str, rules=RULES) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to (``()`` = replicated); ``KeyError`` naming an unknown name."""
+    table = dict(rules)
+    if name not in table:
+        raise KeyError(f"logical axis {name!r} is not in the rules table ({sorted(table)})")
+    axes = table[name]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: jax.sharding.Mesh, rules=RULES):
+    """Within: ``mesh`` is the current mesh and the model's logical names map to its axes by ``rules``."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
