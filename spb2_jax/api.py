@@ -1,0 +1,131 @@
+"""The notebook API: ``model = spb2.load_pretrained(path)``, ``model(input_ids)``, ``model.generate(prompts)``.
+
+``load_pretrained`` reads an HF checkpoint directory (``config.json``, safetensors, optional ``tokenizer.json``),
+resolves the ``ModelOptions`` once (``spb2_jax.options.resolve_options``) and returns a ``Model`` handle; the
+lower-level functions (``load_hf``, ``SpB2ForCausalLM``, ``prefill`` / ``decode_step`` / ``generate``) stay
+available for programs that manage params and caches themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from spb2_jax.checkpoint import load_hf
+from spb2_jax.config import SpB2Config
+from spb2_jax.generate.loop import generate as generate_ids
+from spb2_jax.generate.tokenizer import load_tokenizer
+from spb2_jax.model import CausalLMOutput, SpB2ForCausalLM
+from spb2_jax.options import ModelOptions, resolve_options
+
+EMBEDDED_TINY = os.path.join(os.path.dirname(__file__), "assets", "tiny")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded model: ``config``, ``options`` (how it runs), ``params`` (a pytree of arrays) and the checkpoint's
+    ``tokenizer`` (a ``tokenizers.Tokenizer``, or None when the checkpoint has no ``tokenizer.json``)."""
+
+    config: SpB2Config
+    options: ModelOptions
+    params: Any
+    tokenizer: Any = None
+
+    @property
+    def module(self) -> SpB2ForCausalLM:
+        """The Flax module (``module.apply({"params": model.params}, ...)`` for anything not wrapped here)."""
+        return SpB2ForCausalLM(self.config, self.options)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, *, segment_ids: Any = None,
+                 output_hidden_states: bool = False) -> CausalLMOutput:
+        """Forward pass (compiled once per shape): ``input_ids [B, T]`` -> ``CausalLMOutput`` (``.logits``
+        ``[B, T, V]``, ``.aux_losses``, and with ``output_hidden_states`` the per-layer hidden states).
+
+        ``attention_mask [B, T]``: HF left/right padding (0 = pad); ``segment_ids [B, T]``: packed sequences
+        (0 = padding), tokens never mix across segments."""
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integer token ids [batch, time], got shape {ids.shape} "
+                             f"dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside "
+                             f"[0, vocab_size={self.config.vocab_size})")
+        as_int = lambda x: None if x is None else np.asarray(x).astype(np.int32)  # noqa: E731
+        return _apply(self.params, ids.astype(np.int32), as_int(attention_mask), as_int(segment_ids),
+                      config=self.config, options=self.options, output_hidden_states=output_hidden_states)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (needs the checkpoint's tokenizer)."""
+        return self._need_tokenizer().encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens skipped; needs the checkpoint's tokenizer)."""
+        return self._need_tokenizer().decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
+                 stop_tokens: Sequence[int] | int | None = None) -> list[str] | list[list[int]]:
+        """Continue each prompt with the cached sampling loop (``spb2_jax.generate.generate``).
+
+        ``prompts``: a string, a list of strings (encoded with the checkpoint's tokenizer) or a list of token-id
+        lists. Returns one continuation per prompt: text for text prompts (they need the checkpoint's tokenizer),
+        token ids for id prompts. ``temperature=0`` is greedy; the rest as in ``spb2_jax.generate.generate``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: give a string, a list of strings or a list of token-id lists")
+        as_text = all(isinstance(p, str) for p in prompts)
+        if not as_text and any(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts mixes strings and token-id lists; give one kind")
+        rows = [self.encode(p) for p in prompts] if as_text else [[int(t) for t in p] for p in prompts]
+        out = generate_ids(self.params, self.config, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, options=self.options)
+        seqs = out.sequences()
+        return [self.decode(s) for s in seqs] if as_text else seqs
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "output_hidden_states"))
+def _apply(params, ids, mask, seg, *, config, options, output_hidden_states):
+    return SpB2ForCausalLM(config, options).apply({"params": params}, ids, mask, segment_ids=seg,
+                                                  output_hidden_states=output_hidden_states)
+
+
+def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None, impl: str | None = None,
+                    options: ModelOptions | None = None, strict: bool = True, **option_kwargs) -> Model:
+    """Load an HF checkpoint directory into a ``Model`` handle.
+
+    Args:
+      path: directory with ``config.json`` and the safetensors (sharded or not) and, optionally,
+        ``tokenizer.json``. None: the tiny official-format model embedded in the package.
+      dtype: compute dtype, also the dtype the weights are loaded in (``"bfloat16"`` for the 5B); default
+        float32.
+      impl: ``"xla"`` (default), ``"pallas"`` or ``"reference"`` (``spb2_jax.options``).
+      options: a ready ``ModelOptions`` instead of ``dtype`` / ``impl`` / ``option_kwargs``.
+      strict: every checkpoint tensor must be used (``load_hf``).
+      option_kwargs: more ``resolve_options`` arguments (``remat``, ``moba_decode``, ``block_size``...).
+    """
+    path = EMBEDDED_TINY if path is None else os.fspath(path)
+    if options is not None and (dtype is not None or impl is not None or option_kwargs):
+        raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
+    config = SpB2Config.from_pretrained(path)
+    if options is None:
+        options = resolve_options(config, dtype=dtype, impl=impl, **option_kwargs)
+    _, params = load_hf(path, dtype=options.dtype, strict=strict)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return Model(config=config, options=options, params=params,
+                 tokenizer=load_tokenizer(path) if has_tokenizer else None)
