@@ -20,9 +20,13 @@ Kernels (GPU style, as jax's ``pallas/ops/gpu/attention.py``: the grid runs over
   query head of the GQA group in turn and accumulates the group's ``dK``/``dV``.
 
 Inputs of dtype bfloat16 use bfloat16 matmul operands (``P`` rounded to the input dtype before ``P V``, as in
-flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32).
-``interpret=True`` runs the kernels on CPU (tests); on GPU they lower through Pallas' Triton backend. On TPU
-``block_sparse_attention`` runs the TPU-style twins of ``block_sparse_flash_tpu`` instead (``target``).
+flash attention) with float32 accumulation; float32 inputs stay float32 (``Precision.HIGHEST``: no TF32). The
+per-token mask, the matmul and the tile steps live in ``_flash_common``, shared with the TPU-style twins and
+``moba_gathered``.
+
+The caller picks the kernels: ``target="triton"`` (these, lowered through Pallas' Triton backend on GPU) or
+``"mosaic_tpu"`` (the TPU-style twins of ``block_sparse_flash_tpu``); ``forward`` / ``backward`` and
+``block_sparse_attention`` dispatch on it. ``interpret=True`` runs either on CPU (tests).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.platform import resolve_target, triton_params
-
-_MASKED = -1e30
+from pallas_kernels import block_sparse_flash_tpu
+from pallas_kernels._flash_common import (MASKED, check_whole_tiles, dkv_step, dq_step, row_delta, softmax_finish,
+                                          softmax_init, softmax_step, token_mask)
+from pallas_kernels.platform import check_target, triton_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,79 +89,17 @@ def tile_lists(need: jax.Array):
 
 # ----------------------------------------------------------------------------------------------- kernels
 
-def _mask(spec, rel, q_seg, k_seg, q_blk, k_blk, q_sel):
-    """``[tq, tk]`` boolean mask (see the module docstring) from broadcastable per-token metadata: ``rel`` = query
-    position - key position ``[tq, tk]``; ``q_*`` columns ``[tq, 1]``, ``k_*`` rows ``[1, tk]``; ``q_sel`` a
-    sequence of ``R`` selection columns ``[tq, 1]`` (shared by the GPU- and TPU-style kernels)."""
-    mask = (q_seg == k_seg) & (q_seg != 0) & (rel >= 0)
-    if spec.window is not None:
-        mask = mask & (rel < spec.window)
-    if spec.moba:
-        member = q_blk == k_blk
-        for col in q_sel:
-            member = member | (col == k_blk)
-        mask = mask & member
-    return mask
-
-
 def _gpu_mask(spec, q_pos, q_seg, q_blk, q_sel, k_pos, k_seg, k_blk):
-    """``_mask`` from the 1-D per-token vectors the GPU-style kernels load (``q_sel``: columns ``[tq]`` read one
+    """``token_mask`` from the 1-D per-token vectors the GPU-style kernels load (``q_sel``: columns ``[tq]`` read one
     by one from the ref: Triton cannot slice a loaded array)."""
     col, row = (lambda x: x[:, None]), (lambda x: x[None, :])  # noqa: E731
-    return _mask(spec, col(q_pos) - row(k_pos), col(q_seg), row(k_seg), col(q_blk), row(k_blk),
-                 [col(c) for c in q_sel])
+    return token_mask(spec, col(q_pos) - row(k_pos), col(q_seg), row(k_seg), col(q_blk), row(k_blk),
+                      [col(c) for c in q_sel])
 
 
 def _columns(sel_ref, rows=slice(None), *head):
     """The MoBA selection columns ``sel[rows, (head,) r]`` loaded one by one from the ref."""
     return [sel_ref[(rows, *head, r)] for r in range(sel_ref.shape[-1])]
-
-
-def _dot(a, b, trans_b=False):
-    """float32-accumulated matmul; float32 operands at full precision (``HIGHEST``: no TF32 on GPU)."""
-    dims = (((a.ndim - 1,), (b.ndim - 1 if trans_b else 0,)), ((), ()))
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def softmax_step(carry, q, k, v, mask, scale):
-    """One key tile of the online softmax: ``carry = (o [t, D], m [t], l [t])`` float32, ``mask [t, s]``."""
-    o, m, l = carry
-    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _MASKED)  # [t, s] float32
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    corr = jnp.exp(m - m_new)
-    o = o * corr[:, None] + _dot(p.astype(v.dtype), v)
-    return o, m_new, l * corr + p.sum(axis=-1)
-
-
-def softmax_init(rows, D):
-    """Empty online-softmax carry for ``rows`` queries."""
-    return (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-
-
-def softmax_finish(o, m, l):
-    """``(o / l, lse)``; rows that saw no key (padding) give 0 and lse 0."""
-    empty = l == 0.0
-    safe = jnp.where(empty, 1.0, l)
-    return jnp.where(empty[:, None], 0.0, o / safe[:, None]), jnp.where(empty, 0.0, m + jnp.log(safe))
-
-
-def dq_step(dq, q, k, v, do, lse, delta, mask, scale):
-    """One key tile of ``dq += dS K`` (unscaled), ``dS = P * (dO V^T - delta)``; lse / delta ``[t]``."""
-    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
-
-
-def dkv_step(carry, q, k, v, do, lse, delta, mask, scale):
-    """One query tile of ``dk += dS^T Q`` (unscaled), ``dv += P^T dO``; ``carry = (dk, dv)`` float32."""
-    dk, dv = carry
-    p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)  # [t, s]
-    dv = dv + _dot(p.T.astype(do.dtype), do)
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-    return dk + _dot(ds.T.astype(q.dtype), q), dv
 
 
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
@@ -257,17 +200,11 @@ def _group_specs(N, K, T, D, R, M, block):
     )
 
 
-def _forward(q, k, v, meta, spec, scale, block, interpret, target, out_dtype=None):
-    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` of the listed tiles."""
-    out_dtype = q.dtype if out_dtype is None else out_dtype
-    if target == "mosaic_tpu":
-        from pallas_kernels import block_sparse_flash_tpu
-
-        return block_sparse_flash_tpu.forward(q, k, v, meta, spec, scale, block, interpret, out_dtype)
+def _triton_forward(q, k, v, meta, spec, scale, block, interpret, out_dtype):
+    """``forward`` with the GPU-style kernels."""
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
-    if T % block:  # the grid would drop the tail rows
-        raise ValueError(f"block_sparse_attention needs T % block == 0, got T={T} block={block}; pad with segment 0")
+    check_whole_tiles(T, block)  # the grid would drop the tail rows
     K = k.shape[2]
     s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
     return pl.pallas_call(
@@ -283,20 +220,13 @@ def _forward(q, k, v, meta, spec, scale, block, interpret, target, out_dtype=Non
     )(fwd_lists, fwd_count[..., None], q, k, v, seg, seg, blk, blk, sel)
 
 
-def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target, grad_dtype=None):
-    """``(dq, dk, dv)`` in ``grad_dtype`` (default: the dtypes of q, k, v) from the output ``o``, its ``lse`` and
-    cotangent ``do`` (``o``/``lse`` may be those of a larger attention this one is part of: the gradient of each
-    listed key is the same)."""
-    if target == "mosaic_tpu":
-        from pallas_kernels import block_sparse_flash_tpu
-
-        return block_sparse_flash_tpu.backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret,
-                                               grad_dtype)
+def _triton_backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtype):
+    """``backward`` with the GPU-style kernels."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
     s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
-    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = row_delta(o, do)
     grid = (B, N, T // block)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, scale=scale, block=block),
@@ -326,34 +256,63 @@ def _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, target, 
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, interpret: bool,
-                           target: str | None = None):
+def forward(q, k, v, meta, spec: MaskSpec, scale: float, block: int, *, interpret: bool, target: str,
+            out_dtype=None):
+    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` of the listed tiles (no VJP:
+    for callers that merge it with more attention, as ``moba_gathered``).
+
+    ``target``: ``"triton"`` (the GPU-style kernels of this module) or ``"mosaic_tpu"`` (their TPU-style twins in
+    ``block_sparse_flash_tpu``). Other arguments as ``block_sparse_attention``.
+    """
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    if check_target(target) == "mosaic_tpu":
+        return block_sparse_flash_tpu.forward(q, k, v, meta, spec, scale, block, interpret, out_dtype)
+    return _triton_forward(q, k, v, meta, spec, scale, block, interpret, out_dtype)
+
+
+def backward(q, k, v, o, lse, do, meta, spec: MaskSpec, scale: float, block: int, *, interpret: bool, target: str,
+             grad_dtype=None):
+    """``(dq, dk, dv)`` in ``grad_dtype`` (default: the dtypes of q, k, v) from the output ``o``, its ``lse`` and
+    cotangent ``do`` (``o``/``lse`` may be those of a larger attention this one is part of: the gradient of each
+    listed key is the same), by the kernels of ``target`` (as ``forward``)."""
+    if check_target(target) == "mosaic_tpu":
+        return block_sparse_flash_tpu.backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret,
+                                               grad_dtype)
+    return _triton_backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtype)
+
+
+def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, *, interpret: bool,
+                           target: str):
     """Attention of ``q [B, T, N, D]`` over ``k, v [B, T, K, D]`` restricted to listed tiles and masked per token.
 
     ``T`` must be a multiple of ``block`` (callers pad with segment 0). ``meta`` = (fwd_lists ``[B, N, nT, M]``,
     fwd_count ``[B, N, nT]``, bwd_lists ``[B, N, nT, M']``, bwd_count (the transposed lists: query tiles per key
     tile), seg ``[B, T]``, blk ``[B, T]``,
     sel ``[B, T, N, R]``), all int32, from ``tile_lists`` and the caller's per-token metadata.
-    ``target``: ``"triton"`` (the GPU-style kernels of this module) or ``"mosaic_tpu"`` (their TPU-style twins in
-    ``block_sparse_flash_tpu``); None = by backend (``platform.default_target``).
+    ``interpret``: run the kernels in interpret mode (CPU). ``target``: ``"triton"`` (the GPU-style kernels of
+    this module) or ``"mosaic_tpu"`` (their TPU-style twins in ``block_sparse_flash_tpu``); ValueError otherwise.
     Returns ``o [B, T, N, D]`` in ``q.dtype`` (padding rows 0).
     """
-    return _forward(q, k, v, meta, spec, scale, block, interpret, resolve_target(target))[0]
+    return _block_sparse_attention(q, k, v, meta, spec, scale, block, interpret, check_target(target))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _block_sparse_attention(q, k, v, meta, spec, scale, block, interpret, target):
+    return forward(q, k, v, meta, spec, scale, block, interpret=interpret, target=target)[0]
 
 
 def _vjp_fwd(q, k, v, meta, spec, scale, block, interpret, target):
-    o, lse = _forward(q, k, v, meta, spec, scale, block, interpret, resolve_target(target))
+    o, lse = forward(q, k, v, meta, spec, scale, block, interpret=interpret, target=target)
     return o, (q, k, v, o, lse, meta)
 
 
 def _vjp_bwd(spec, scale, block, interpret, target, res, do):
     q, k, v, o, lse, meta = res
-    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, resolve_target(target))
+    dq, dk, dv = backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret=interpret, target=target)
     return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, meta)
 
 
-block_sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
+_block_sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def dense_mask(seg: jax.Array, blk: jax.Array, sel: jax.Array, spec: MaskSpec) -> jax.Array:
@@ -372,7 +331,7 @@ def block_sparse_attention_reference(q, k, v, seg, blk, sel, spec: MaskSpec, sca
     mask = dense_mask(seg, blk, sel, spec)  # [B, N, T, T]
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, D)
     logits = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)).reshape(B, N, T, T) * scale
-    logits = jnp.where(mask, logits, _MASKED)
+    logits = jnp.where(mask, logits, MASKED)
     p = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
     p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
     o = jnp.einsum("BKGTS,BSKD->BTKGD", p.reshape(B, K, N // K, T, T), v.astype(jnp.float32))

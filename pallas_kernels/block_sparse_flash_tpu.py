@@ -1,5 +1,6 @@
 """Block-sparse flash attention, TPU style (Mosaic TPU): the TPU twins of the three kernels of
-``block_sparse_flash`` (same ``meta``, same mask, same results).
+``block_sparse_flash`` (same ``meta``, same mask from ``_flash_common``, same results). ``block_sparse_flash``'s
+``forward`` / ``backward`` / ``block_sparse_attention`` run these with ``target="mosaic_tpu"``.
 
 The grid is (batch row, query head, own tile, list entry) — for dK/dV (batch row, kv head, own key tile, entry
 over the lists of the GQA group's query heads in turn). The tile lists and their counts are scalar-prefetched
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_flash import _MASKED, _dot, _mask
+from pallas_kernels._flash_common import MASKED, check_whole_tiles, dot, row_delta, token_mask
 from pallas_kernels.platform import tpu_params
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -37,7 +38,7 @@ def _tile_mask(spec, q_tile, k_tile, block, qseg_ref, kseg_ref, qblk_ref, kblk_r
     col = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
     rel = (q_tile - k_tile) * block + row - col
     cols = [sel_ref[:, pl.ds(r, 1)] for r in range(sel_ref.shape[-1])]
-    return _mask(spec, rel, qseg_ref[...], kseg_ref[...], qblk_ref[...], kblk_ref[...], cols)
+    return token_mask(spec, rel, qseg_ref[...], kseg_ref[...], qblk_ref[...], kblk_ref[...], cols)
 
 
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
@@ -47,7 +48,7 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
     @pl.when(c == 0)
     def _():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
     @pl.when(c < _count_at(count_ref, dims, b, n, i))
@@ -55,12 +56,12 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
         v = v_ref[...]
         mask = _tile_mask(spec, i, _list_at(lists_ref, dims, b, n, i, c), block, qseg_ref, kseg_ref, qblk_ref,
                           kblk_ref, sel_ref)
-        s = jnp.where(mask, _dot(q_ref[...], k_ref[...], trans_b=True) * scale, _MASKED)  # [t, s]
+        s = jnp.where(mask, dot(q_ref[...], k_ref[...], trans_b=True) * scale, MASKED)  # [t, s]
         m = m_ref[...]
         m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
         corr = jnp.exp(m - m_new)
-        acc_ref[...] = acc_ref[...] * corr + _dot(p.astype(v.dtype), v)
+        acc_ref[...] = acc_ref[...] * corr + dot(p.astype(v.dtype), v)
         l_ref[...] = l_ref[...] * corr + p.sum(axis=1, keepdims=True)
         m_ref[...] = m_new
 
@@ -86,9 +87,9 @@ def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         k = k_ref[...]
         mask = _tile_mask(spec, i, _list_at(lists_ref, dims, b, n, i, c), block, qseg_ref, kseg_ref, qblk_ref,
                           kblk_ref, sel_ref)
-        p = jnp.where(mask, jnp.exp(_dot(q_ref[...], k, trans_b=True) * scale - lse_ref[...]), 0.0)
-        ds = p * (_dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
-        acc_ref[...] += _dot(ds.astype(k.dtype), k)
+        p = jnp.where(mask, jnp.exp(dot(q_ref[...], k, trans_b=True) * scale - lse_ref[...]), 0.0)
+        ds = p * (dot(do_ref[...], v_ref[...], trans_b=True) - delta_ref[...])
+        acc_ref[...] += dot(ds.astype(k.dtype), k)
 
     @pl.when(c == pl.num_programs(3) - 1)
     def _():
@@ -113,9 +114,9 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         q, do = q_ref[...], do_ref[...]
         mask = _tile_mask(spec, _list_at(lists_ref, dims, b, n, j, c), j, block, qseg_ref, kseg_ref, qblk_ref,
                           kblk_ref, sel_ref)
-        p = jnp.where(mask, jnp.exp(_dot(q, k_ref[...], trans_b=True) * scale - lse_ref[...]), 0.0)  # [t, s]
+        p = jnp.where(mask, jnp.exp(dot(q, k_ref[...], trans_b=True) * scale - lse_ref[...]), 0.0)  # [t, s]
         dv_acc[...] += _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot(do, v_ref[...], trans_b=True) - delta_ref[...])
+        ds = p * (dot(do, v_ref[...], trans_b=True) - delta_ref[...])
         dk_acc[...] += _dot_tn(ds.astype(q.dtype), q)
 
     @pl.when(e == pl.num_programs(3) - 1)
@@ -194,8 +195,7 @@ def _dkv_specs(N, K, D, R, block, dims):
 
 
 def _check_tile(T, block, interpret):
-    if T % block:
-        raise ValueError(f"block_sparse_attention needs T % block == 0, got T={T} block={block}; pad with segment 0")
+    check_whole_tiles(T, block)
     if not interpret and block % 128 and block != T:
         raise ValueError(f"the TPU kernels need a tile that is a multiple of 128 or the whole sequence, got "
                          f"block={block} for T={T}")
@@ -231,7 +231,7 @@ def _layout(q, k, v, seg, blk, sel):
 
 def forward(q, k, v, meta, spec, scale, block, interpret, out_dtype=None):
     """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` as
-    ``block_sparse_flash._forward``."""
+    ``block_sparse_flash.forward``."""
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
     B, T, N, D = q.shape
     _check_tile(T, block, interpret)
@@ -257,14 +257,14 @@ def forward(q, k, v, meta, spec, scale, block, interpret, out_dtype=None):
 
 
 def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtype=None):
-    """``(dq, dk, dv)`` as ``block_sparse_flash._backward`` (in ``grad_dtype``, default the input dtypes); the
+    """``(dq, dk, dv)`` as ``block_sparse_flash.backward`` (in ``grad_dtype``, default the input dtypes); the
     dK/dV kernel sums each GQA group in VMEM."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
     B, T, N, D = q.shape
     K = k.shape[2]
     lists, counts, dims = _scalar_operands(fwd_lists, fwd_count, interpret)
     s = _specs(N, K, D, sel.shape[-1], block, dims)
-    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
+    delta = row_delta(o, do)[..., None]
     lse = lse[..., None]
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
     do_ = _swap_time_heads(do)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gated_delta_rule_tpu import gated_delta_rule_fwd_tpu
-from pallas_kernels.platform import resolve_target, triton_params
+from pallas_kernels.platform import check_target, triton_params
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -85,7 +85,7 @@ def _gdn_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, before_ref, h0_r
 
 
 def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, chunk_size: int,
-                         interpret: bool = False, target: str | None = None):
+                         interpret: bool, target: str):
     """Forward of the chunked gated delta rule on prepared inputs.
 
     Args:
@@ -94,8 +94,9 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
       runs: ``[B, T]`` int32 state-run id of every token; run_before: ``[B, T // C]`` run owning each chunk's
         incoming state (``spb2_jax.ops.segments.chunk_runs`` laid out as ``[B, ...]``).
       initial_state: ``[B, H, K, V]`` float32.
-      chunk_size: C. interpret: run on CPU. target: ``"triton"`` (this module's kernel, GPU style) or
-        ``"mosaic_tpu"`` (``gated_delta_rule_tpu``); default by backend (``platform.default_target``).
+      chunk_size: C. interpret: run the kernel in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for
+        jax's TPU simulator). target: ``"triton"`` (this module's kernel, GPU style) or ``"mosaic_tpu"``
+        (``gated_delta_rule_tpu``); ValueError otherwise.
     Returns:
       ``o [B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
     """
@@ -104,7 +105,7 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
     C = chunk_size
     if T % C:
         raise ValueError(f"{T=} must be a multiple of {chunk_size=}")
-    if resolve_target(target) == "mosaic_tpu":
+    if check_target(target) == "mosaic_tpu":
         return gated_delta_rule_fwd_tpu(q, k, v, g, beta, runs, run_before, initial_state, chunk_size=C,
                                         interpret=interpret)
     n = T // C

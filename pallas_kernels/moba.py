@@ -7,7 +7,8 @@ list of key tiles covering the union of the tile's own blocks and selected block
 tiles, then a cumulative sum: no ``[T, T]`` array), and the transposed lists for the dK/dV kernel. The kernel
 (``block_sparse_flash``) masks per token: same segment, causal, key in the query's own block or one of its
 selected blocks. That is ``algorithm="union"``; it does dense causal work when a tile's tokens select different
-blocks, so on GPU the default is ``algorithm="gathered"`` (``moba_gathered``: work = the selected pairs).
+blocks, so with ``target="triton"`` the default is ``algorithm="gathered"`` (``moba_gathered``: work = the
+selected pairs). The caller gives ``target`` and ``interpret``; the algorithm defaults from ``target``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention, tile_lists
 from pallas_kernels.moba_gathered import moba_gathered_attention
-from pallas_kernels.platform import default_interpret, resolve_target
+from pallas_kernels.platform import check_target
 
 ALGORITHMS = ("gathered", "union")
 
@@ -66,8 +67,8 @@ def moba_flash_attention(
     chunk_size: int,
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-    target: str | None = None,
+    interpret: bool,
+    target: str,
     algorithm: str | None = None,
 ) -> jax.Array:
     """MoBA attention with Pallas kernels (forward and backward).
@@ -78,12 +79,14 @@ def moba_flash_attention(
       seg: ``[B, T]`` int32 segment labels (0 = padding; equal labels = same segment, contiguous).
       pos: ``[B, T]`` int32 position of every token inside its segment.
       chunk_size: MoBA block size C. scale: default ``D ** -0.5``.
-      block_sizes: kernel tile (default ``BlockSizes.get_default(T)``). interpret: default True on CPU.
-      target: ``"triton"`` or ``"mosaic_tpu"`` kernels (default by backend, ``pallas_kernels.platform``).
+      block_sizes: kernel tile (default ``BlockSizes.get_default(T)``).
+      interpret: run the kernels in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for jax's TPU
+        simulator).
+      target: ``"triton"`` (GPU-style kernels) or ``"mosaic_tpu"`` (TPU-style); ValueError otherwise.
       algorithm: ``"gathered"`` (``moba_gathered``: own block + gathered (token, selected block) rows; work =
         the selected pairs) or ``"union"`` (per query tile, the union of its tokens' selected key tiles; dense
-        causal work when they differ). Default: gathered on the Triton target; union on TPU (the only one with a
-        TPU-style kernel so far).
+        causal work when they differ). Default from ``target``: gathered on ``"triton"``; union on
+        ``"mosaic_tpu"`` (the only one with a TPU-style kernel so far).
     Returns:
       ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
     """
@@ -93,7 +96,7 @@ def moba_flash_attention(
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} (need N % K == 0)")
     if sel.shape[:3] != (B, T, N) or seg.shape != (B, T) or pos.shape != (B, T):
         raise ValueError(f"metadata shapes: sel{sel.shape} seg{seg.shape} pos{pos.shape} for q{q.shape}")
-    target = resolve_target(target)
+    check_target(target)
     algorithm = algorithm or ("union" if target == "mosaic_tpu" else "gathered")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
@@ -102,7 +105,6 @@ def moba_flash_attention(
     block = (block_sizes or BlockSizes.get_default(T)).block
     Tp = -(-T // block) * block
     scale = D ** -0.5 if scale is None else scale
-    interpret = default_interpret() if interpret is None else interpret
     if algorithm == "gathered":
         q, k, v = (_pad_time(x, Tp) for x in (q, k, v))
         o = moba_gathered_attention(q, k, v, _pad_time(jax.lax.stop_gradient(sel).astype(jnp.int32), Tp, -1),
@@ -116,5 +118,6 @@ def moba_flash_attention(
     seg, pos = _pad_time(seg.astype(jnp.int32), Tp), _pad_time(pos.astype(jnp.int32), Tp)
     sel = _pad_time(sel, Tp, -1)
     meta = moba_tile_lists(jax.lax.stop_gradient(sel), seg, pos, chunk_size, block) + (seg, pos // chunk_size, sel)
-    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret, target)
+    o = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), float(scale), block, interpret=interpret,
+                               target=target)
     return o[:, :T]

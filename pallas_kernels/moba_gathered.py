@@ -24,7 +24,8 @@ per row tile (rows scattered back to their tokens) and a dK / dV kernel per (kv 
 row tiles whose block overlaps that key tile — a contiguous range, since row tiles are ordered by block start —
 for each query head of the GQA group in turn (the group's sum stays on chip).
 
-GPU style (Triton lowering) only for now: on TPU ``moba_flash_attention`` uses the union kernel.
+GPU style (Triton lowering) only for now: with ``target="mosaic_tpu"`` ``moba_flash_attention`` uses the union
+kernel.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sparse_flash import (MaskSpec, _backward, _forward, dkv_step, dq_step, lists_from_need,
-                                               softmax_finish, softmax_init, softmax_step)
+from pallas_kernels._flash_common import dkv_step, dq_step, row_delta, softmax_finish, softmax_init, softmax_step
+from pallas_kernels.block_sparse_flash import MaskSpec, backward, forward, lists_from_need
 from pallas_kernels.platform import triton_params
 
 
@@ -350,7 +351,8 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
     B, T, N, D = q.shape
     K = k.shape[2]
     meta = _own_meta(seg, pos, chunk, block, N)
-    o_a, lse_a = _forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret, "triton", jnp.float32)
+    o_a, lse_a = forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret=interpret, target="triton",
+                         out_dtype=jnp.float32)
     if sel.shape[-1] == 0:  # topk 1: the own block alone
         return o_a.astype(q.dtype), lse_a, meta, None
 
@@ -388,14 +390,14 @@ def _vjp_fwd(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
 
 def _vjp_bwd(chunk, scale, block, interpret, res, do):
     q, k, v, o, lse, meta, sr, sel, seg, pos = res
-    dq, dk, dv = _backward(q, k, v, o, lse, do, meta, MaskSpec(moba=True), scale, block, interpret, "triton",
-                           jnp.float32)
+    dq, dk, dv = backward(q, k, v, o, lse, do, meta, MaskSpec(moba=True), scale, block, interpret=interpret,
+                          target="triton", grad_dtype=jnp.float32)
     none = lambda x: None  # noqa: E731  integer inputs: no cotangent
     ints = tuple(none(x) for x in (sel, seg, pos))
     if sr is None:
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + ints
     T, K = q.shape[1], k.shape[2]
-    delta = jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = row_delta(o, do)
 
     def one_kv_head(x):
         q_h, k_h, v_h, do_h, lse_h, delta_h, sr_h = x

@@ -3,30 +3,21 @@
 Every kernel here exists in two forms: GPU style (``"triton"``: the grid runs over output tiles and a loop inside
 the kernel walks the work, as jax's ``pallas/ops/gpu`` kernels) and TPU style (``"mosaic_tpu"``: the work list is
 a grid dimension, scalar-prefetched indices pick the blocks the pipeline copies into VMEM, accumulators live in
-VMEM scratch, as jax's ``pallas/ops/tpu`` kernels). ``default_target()`` picks by backend; both run on CPU with
-``interpret=True`` (tests compare each with the XLA path).
+VMEM scratch, as jax's ``pallas/ops/tpu`` kernels). The caller picks the target and interpret mode (the public
+wrappers take both as required keywords; nothing in ``pallas_kernels`` looks at the backend); both forms run on
+CPU with ``interpret=True`` (tests compare each with the XLA path).
 """
 
 from __future__ import annotations
 
-import jax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 TARGETS = ("triton", "mosaic_tpu")
 
 
-def default_interpret() -> bool:
-    """Kernels run in interpret mode on CPU (the only backend without a Pallas lowering for them)."""
-    return jax.default_backend() == "cpu"
-
-
-def default_target() -> str:
-    """``"mosaic_tpu"`` on TPU, else ``"triton"`` (GPU, and the GPU-style kernels in interpret mode on CPU)."""
-    return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
-
-
-def resolve_target(target: str | None) -> str:
-    """``target`` checked against ``TARGETS``; None -> ``default_target()``."""
-    target = default_target() if target is None else target
+def check_target(target: str) -> str:
+    """``target`` if it is one of ``TARGETS``, else a ValueError naming it."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r} must be one of {TARGETS}")
     return target
@@ -37,8 +28,6 @@ def triton_params(interpret: bool, *, num_warps: int = 4, num_stages: int = 2):
     GPU-style kernels are not written for); None in interpret mode."""
     if interpret:
         return None
-    from jax.experimental.pallas import triton as pltriton
-
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -47,6 +36,4 @@ def tpu_params(interpret, dimension_semantics: tuple[str, ...]):
     and which carry an accumulator from step to step (``"arbitrary"``). Also given in interpret mode: jax's TPU
     simulator (``interpret=pltpu.InterpretParams(...)``) splits and shuffles the parallel dimensions by them."""
     del interpret
-    from jax.experimental.pallas import tpu as pltpu
-
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)

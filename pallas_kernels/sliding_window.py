@@ -1,5 +1,6 @@
 """Sliding-window (and full causal) flash attention: each query tile visits only the band of key tiles that
-can hold keys inside its window, on the ``block_sparse_flash`` core (exact per-token mask inside the band)."""
+can hold keys inside its window, on the ``block_sparse_flash`` core (exact per-token mask inside the band). The
+caller gives ``target`` and ``interpret``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_flash import BlockSizes, MaskSpec, block_sparse_attention
-from pallas_kernels.platform import default_interpret, resolve_target
+from pallas_kernels.platform import check_target
 
 
 def band_lists(B: int, N: int, nT: int, n_prev: int):
@@ -26,6 +27,7 @@ def band_lists(B: int, N: int, nT: int, n_prev: int):
 
 
 def _attend(q, k, v, seg, window, scale, block_sizes, interpret, target):
+    check_target(target)
     B, T, N, D = q.shape
     K = k.shape[2]
     if N % K or k.shape != (B, T, K, D) or v.shape != k.shape:
@@ -41,21 +43,21 @@ def _attend(q, k, v, seg, window, scale, block_sizes, interpret, target):
     zeros = jnp.zeros((B, Tp), jnp.int32)
     meta = band_lists(B, N, nT, n_prev) + (seg, zeros, jnp.full((B, Tp, N, 1), -1, jnp.int32))
     scale = D ** -0.5 if scale is None else scale
-    interpret = default_interpret() if interpret is None else interpret
-    o = block_sparse_attention(q, k, v, meta, MaskSpec(window=window), float(scale), block, interpret,
-                               resolve_target(target))
+    o = block_sparse_attention(q, k, v, meta, MaskSpec(window=window), float(scale), block, interpret=interpret,
+                               target=target)
     return o[:, :T]
 
 
 def sliding_window_flash_attention(q, k, v, *, window: int, seg: jax.Array, scale: float | None = None,
-                                   block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                                   target: str | None = None):
+                                   block_sizes: BlockSizes | None = None, interpret: bool, target: str):
     """Causal sliding-window GQA attention (query t sees keys s with ``t - window < s <= t`` in its segment).
 
     Args:
       q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]``; window: W > 0; seg: ``[B, T]`` segment labels (0 = padding).
-      scale: default ``D ** -0.5``; block_sizes: kernel tile; interpret: default True on CPU;
-      target: ``"triton"`` or ``"mosaic_tpu"`` kernels (default by backend, ``pallas_kernels.platform``).
+      scale: default ``D ** -0.5``; block_sizes: kernel tile;
+      interpret: run the kernels in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for jax's TPU
+        simulator); target: ``"triton"`` (GPU-style kernels) or ``"mosaic_tpu"`` (TPU-style); ValueError
+        otherwise.
     Returns:
       ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
     """
@@ -65,7 +67,7 @@ def sliding_window_flash_attention(q, k, v, *, window: int, seg: jax.Array, scal
 
 
 def causal_flash_attention(q, k, v, *, seg: jax.Array, scale: float | None = None,
-                           block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                           target: str | None = None):
-    """Causal GQA attention inside segments (every key tile at or before the query tile)."""
+                           block_sizes: BlockSizes | None = None, interpret: bool, target: str):
+    """Causal GQA attention inside segments (every key tile at or before the query tile); arguments as
+    ``sliding_window_flash_attention``."""
     return _attend(q, k, v, seg, None, scale, block_sizes, interpret, target)

@@ -1,4 +1,6 @@
 """Pallas kernels (``interpret=True`` on CPU) against the level above them, the XLA paths (``impl="xla"``).
+The kernel tests take ``target`` (default ``"triton"``: the GPU-style kernels); ``test_pallas_tpu_kernels``
+re-runs them with ``target="mosaic_tpu"``.
 
 float32 cases use ``test_ops_fast.compare``: forward AND gradients of every input, bound 1e-4 * max|ref| + 1e-6
 (both sides are float32 computations of the same function in a different order).
@@ -71,14 +73,15 @@ def _attn_inputs(case):
         jnp.asarray(seg_ids(B, T, layout))
 
 
-def _ops(name, seg, tile, **kw):
-    """``(pallas, xla)`` callables ``dict -> (o,)`` of one ``spb2_jax.ops`` attention entry point."""
+def _ops(name, seg, tile, target="triton", **kw):
+    """``(pallas, xla)`` callables ``dict -> (o,)`` of one ``spb2_jax.ops`` attention entry point; the Pallas one
+    runs the ``target`` kernels in interpret mode."""
     op = dict(swa=sliding_window_attention, moba=moba_attention, causal=causal_attention)[name]
 
-    def run(impl, x):
-        return (op(x["q"], x["k"], x["v"], segment_ids=seg, block_size=tile, impl=impl, **kw),)
+    def run(impl, x, **pallas):
+        return (op(x["q"], x["k"], x["v"], segment_ids=seg, block_size=tile, impl=impl, **pallas, **kw),)
 
-    return functools.partial(run, "pallas"), functools.partial(run, "xla")
+    return functools.partial(run, "pallas", interpret=True, target=target), functools.partial(run, "xla")
 
 
 def _single_key_cancellation(case, inputs):
@@ -112,9 +115,9 @@ SWA_GRID = [(c, w) for c in ATTN_CASES for w in SWA_WINDOWS]
 
 @pytest.mark.parametrize("case,window", params(SWA_GRID, [f"{_attn_id(c)}-w{w}" for c, w in SWA_GRID],
                                                lambda i: i.rsplit("-", 1)[0] in DEFAULT and i.endswith("w7")))
-def test_sliding_window_kernel(case, window):
+def test_sliding_window_kernel(case, window, target="triton"):
     inputs, seg = _attn_inputs(case)
-    compare(f"pallas-swa-w{window}", *_ops("swa", seg, case[5], window=window), inputs, jnp.float32, 1,
+    compare(f"pallas-swa-w{window}", *_ops("swa", seg, case[5], target, window=window), inputs, jnp.float32, 1,
             cancellation=_single_key_cancellation(case, inputs))
 
 
@@ -135,18 +138,18 @@ MOBA_CASES = [(c, C, topk) for c in ATTN_CASES for C, topk in ((8, 3), (4, 2))]
 
 @pytest.mark.parametrize("case,C,topk", params(MOBA_CASES, [f"{_attn_id(c)}-C{C}-top{k}" for c, C, k in MOBA_CASES],
                                                 lambda i: i.rsplit("-", 2)[0] in DEFAULT))
-def test_moba_kernel(case, C, topk):
+def test_moba_kernel(case, C, topk, target="triton"):
     inputs, seg = _attn_inputs(case)
-    compare(f"pallas-moba-C{C}-top{topk}", *_ops("moba", seg, case[5], chunk_size=C, topk=topk), inputs,
+    compare(f"pallas-moba-C{C}-top{topk}", *_ops("moba", seg, case[5], target, chunk_size=C, topk=topk), inputs,
             jnp.float32, 1, cancellation=_single_key_cancellation(case, inputs))
 
 
 @pytest.mark.parametrize("case", ATTN_CASES[1:3], ids=_attn_id)
-def test_moba_kernel_topk_covering_all_blocks_is_dense_causal(case):
+def test_moba_kernel_topk_covering_all_blocks_is_dense_causal(case, target="triton"):
     """topk >= number of blocks: every earlier block is selected, MoBA is plain causal attention."""
     inputs, seg = _attn_inputs(case)
     T = case[1]
-    pallas, _ = _ops("moba", seg, case[5], chunk_size=8, topk=-(-T // 8) + 1)
+    pallas, _ = _ops("moba", seg, case[5], target, chunk_size=8, topk=-(-T // 8) + 1)
 
     def dense(x):
         return (attention_reference(x["q"], x["k"], x["v"], segment_ids=seg, causal=True),)
@@ -156,9 +159,9 @@ def test_moba_kernel_topk_covering_all_blocks_is_dense_causal(case):
 
 @pytest.mark.parametrize("case", params([(c,) for c in ATTN_CASES], map(_attn_id, ATTN_CASES),
                                         lambda i: i in DEFAULT and i.endswith("varlen")))
-def test_causal_kernel(case):
+def test_causal_kernel(case, target="triton"):
     inputs, seg = _attn_inputs(case)
-    compare("pallas-causal", *_ops("causal", seg, case[5]), inputs, jnp.float32, 1,
+    compare("pallas-causal", *_ops("causal", seg, case[5], target), inputs, jnp.float32, 1,
             cancellation=_single_key_cancellation(case, inputs))
 
 
@@ -206,7 +209,7 @@ def test_core_equals_its_dense_twin():
     sel = moba_select_blocks(q, k, chunk_size=8, topk=3, segment_ids=seg)
     labels, pos = segment_labels(seg), segment_positions(seg)
     meta = moba_tile_lists(sel, labels, pos, 8, 16) + (labels, pos // 8, sel)
-    got = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), 32 ** -0.5, 16, True, "triton")
+    got = block_sparse_attention(q, k, v, meta, MaskSpec(moba=True), 32 ** -0.5, 16, interpret=True, target="triton")
     want = block_sparse_attention_reference(q, k, v, labels, pos // 8, sel, MaskSpec(moba=True), 32 ** -0.5)
     check("core vs dense twin", "pallas-core/f32/fwd", got, want, 1e-4, F32_ATOL)
 
@@ -243,7 +246,8 @@ def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
 
     def kernel(x):
         return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=labels, pos=pos, chunk_size=C,
-                                     block_sizes=BlockSizes(case[5]), algorithm=algorithm),)
+                                     block_sizes=BlockSizes(case[5]), interpret=True, target="triton",
+                                     algorithm=algorithm),)
 
     def dense(x):
         return (block_sparse_attention_reference(x["q"], x["k"], x["v"], labels, pos // C, sel,
@@ -273,7 +277,8 @@ def test_gathered_moba_with_positions_not_starting_at_zero(offsets):
 
     def kernel(x):
         return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=seg, pos=pos, chunk_size=C,
-                                     block_sizes=BlockSizes(16), algorithm="gathered"),)
+                                     block_sizes=BlockSizes(16), interpret=True, target="triton",
+                                     algorithm="gathered"),)
 
     def dense(x):
         return (block_sparse_attention_reference(x["q"], x["k"], x["v"], seg, pos // C, sel, MaskSpec(moba=True),
@@ -363,12 +368,12 @@ BF16_CASES = [("swa", dict(window=7), MaskSpec(window=7)), ("moba", dict(chunk_s
 
 
 @pytest.mark.parametrize("name,kw,spec", params(BF16_CASES, [c[0] for c in BF16_CASES], lambda i: i != "causal"))
-def test_attention_kernels_bf16(name, kw, spec):
+def test_attention_kernels_bf16(name, kw, spec, target="triton"):
     case = (2, 75, 4, 1, 32, 16, "varlen")
     inputs, seg = _attn_inputs(case)
     x16 = {n: jnp.asarray(a, jnp.bfloat16) for n, a in inputs.items()}
     x32 = {n: jnp.asarray(a, jnp.float32) for n, a in x16.items()}  # the same rounded values
-    pallas, xla = _ops(name, seg, case[5], **kw)
+    pallas, xla = _ops(name, seg, case[5], target, **kw)
     do = jnp.asarray(jnp.asarray(randn(rng_for("bf16-do", name), *case[:3], case[4]), jnp.bfloat16), jnp.float32)
     o16, vjp16 = jax.vjp(lambda x: pallas(x)[0].astype(jnp.float32), x16)
     o32, vjp32 = jax.vjp(lambda x: xla(x)[0], x32)
@@ -404,7 +409,7 @@ GDN_IDS = [f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{c[6]}" for c in GD
 
 @pytest.mark.parametrize("case", params([(c,) for c in GDN_CASES], GDN_IDS,
                                         lambda i: i.endswith(("varlen", "short"))))
-def test_gated_delta_rule_kernel(case):
+def test_gated_delta_rule_kernel(case, target="triton"):
     """Forward output and final state of the kernel vs the XLA chunked path. The gradients ``compare`` also checks
     are the XLA path's backward by construction (custom VJP), so they test the VJP wiring only, not a kernel."""
     B, T, H, K, V, C, layout, init = case
@@ -412,8 +417,9 @@ def test_gated_delta_rule_kernel(case):
     seg = jnp.asarray(seg_ids(B, T, layout))
     inputs = dict(q=q, k=k, v=v, g=g, beta=beta) | (dict(s0=s0) if init else {})
 
-    def run(impl, x):
+    def run(impl, x, **pallas):
         return chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x.get("s0"),
-                                      segment_ids=seg, chunk_size=C, impl=impl)
+                                      segment_ids=seg, chunk_size=C, impl=impl, **pallas)
 
-    compare("pallas-gdn", functools.partial(run, "pallas"), functools.partial(run, "xla"), inputs, jnp.float32, 2)
+    compare("pallas-gdn", functools.partial(run, "pallas", interpret=True, target=target),
+            functools.partial(run, "xla"), inputs, jnp.float32, 2)

@@ -56,7 +56,7 @@ def test_moba_kernel_lowers_to_triton(dtype, algorithm):
 def test_sliding_window_kernel_lowers_to_triton():
     seg = jnp.ones((B, T), jnp.int32)
     attend = lambda q, k, v: sliding_window_flash_attention(q, k, v, window=48, seg=seg,  # noqa: E731
-                                                            interpret=False)
+                                                            interpret=False, target="triton")
     _lower_for_cuda(_with_grad(attend), *_qkv(jnp.bfloat16))
 
 
@@ -69,7 +69,7 @@ def test_gated_delta_rule_kernel_lowers_to_triton():
     runs = jnp.zeros((B, Tc), jnp.int32)
     before = jnp.zeros((B, Tc // C), jnp.int32)
     S0 = jnp.zeros((B, H, D, D))
-    _lower_for_cuda(lambda *a: gated_delta_rule_fwd(*a, chunk_size=C, interpret=False),
+    _lower_for_cuda(lambda *a: gated_delta_rule_fwd(*a, chunk_size=C, interpret=False, target="triton"),
                     q, k, v, g, beta, runs, before, S0)
 
 
@@ -80,7 +80,7 @@ def test_block_sparse_core_rejects_a_partial_tile():
     meta = (jnp.zeros((1, 2, 2, 2), jnp.int32),) * 4 + (jnp.ones((1, 20), jnp.int32),) * 2 + (
         jnp.full((1, 20, 2, 1), -1, jnp.int32),)
     with pytest.raises(ValueError, match="T % block == 0, got T=20 block=16"):
-        block_sparse_attention(q, q, q, meta, MaskSpec(), 0.25, 16, True, "triton")
+        block_sparse_attention(q, q, q, meta, MaskSpec(), 0.25, 16, interpret=True, target="triton")
 
 
 # ----------------------------------------------------------------------------------------------- Mosaic TPU
@@ -145,6 +145,17 @@ def test_tpu_kernels_name_the_smem_they_would_need(monkeypatch):
                 lowering_platforms=("tpu",))
 
 
+def test_wrappers_reject_an_unknown_target():
+    """The caller names the target (no default by backend); a wrong name fails up front, naming it."""
+    seg = jnp.ones((B, T), jnp.int32)
+    q, k, v = _qkv(jnp.float32)
+    with pytest.raises(ValueError, match=r"target='cuda' must be one of \('triton', 'mosaic_tpu'\)"):
+        sliding_window_flash_attention(q, k, v, window=8, seg=seg, interpret=True, target="cuda")
+    with pytest.raises(ValueError, match="target='tpu'"):
+        moba_flash_attention(q, k, v, sel=jnp.full((B, T, N, 1), -1, jnp.int32), seg=seg, pos=jnp.zeros_like(seg),
+                             chunk_size=64, interpret=True, target="tpu")
+
+
 def test_pallas_kernels_depend_only_on_jax():
     """DESIGN.md: ``pallas_kernels`` depends only on jax (and the standard library)."""
     import ast
@@ -158,3 +169,21 @@ def test_pallas_kernels_depend_only_on_jax():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_pallas_kernels_import_only_public_names_at_module_level():
+    """No module of ``pallas_kernels`` imports inside a function (a lazy import hides an import cycle) or takes a
+    private name from a sibling; ``_flash_common`` is the one shared-internals module they may import from."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("pallas_kernels/*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            assert id(node) in top, f"{path.name}:{node.lineno} imports inside a function or block"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pallas_kernels"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private {private} from {node.module}"

@@ -35,6 +35,11 @@ from spb2_jax.ops.moba_blockwise import causal_attention, moba_attention, moba_s
 from spb2_jax.ops.segments import segment_positions
 from spb2_jax.ops.swa_blockwise import sliding_window_attention
 
+BACKEND = jax.default_backend()
+TARGET = "mosaic_tpu" if BACKEND == "tpu" else "triton"  # the Pallas kernels of this machine
+INTERPRET = BACKEND == "cpu"  # no Pallas lowering on CPU: interpret mode (--smoke)
+PALLAS = dict(interpret=INTERPRET, target=TARGET)  # what every impl="pallas" call is given
+
 # dense bf16 matmul peaks per chip (vendor sheets), matched as substrings of jax's device_kind, first match wins
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
                "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0}
@@ -62,7 +67,8 @@ def _moba_union(q, k, v, *, chunk_size, topk, block_size):
     sel = moba_select_blocks(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), chunk_size=chunk_size, topk=topk,
                              segment_ids=seg)
     return moba_flash_attention(q, k, v, sel=sel, seg=seg, pos=segment_positions(seg), chunk_size=chunk_size,
-                                block_sizes=BlockSizes.from_request(block_size, q.shape[1]), algorithm="union")
+                                block_sizes=BlockSizes.from_request(block_size, q.shape[1]), algorithm="union",
+                                **PALLAS)
 
 
 def _attention_flops(T, N, D, visited_pairs_per_head):
@@ -96,7 +102,8 @@ def attention_rows(T, args, key):
         else:
             op = moba_attention
         res = {}
-        impls = {impl: functools.partial(op, block_size=tile, impl=impl, **kw) for impl in ("pallas", "xla")}
+        impls = {"pallas": functools.partial(op, block_size=tile, impl="pallas", **PALLAS, **kw),
+                 "xla": functools.partial(op, block_size=tile, impl="xla", **kw)}
         if name.startswith("moba"):  # the query-major kernel, for comparison with the default (gathered) one
             impls["pallas union kernel"] = functools.partial(_moba_union, block_size=tile, **kw)
         for impl, fwd in impls.items():
@@ -118,8 +125,8 @@ def gdn_rows(T, args, key):
     g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H)))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
     res = {}
-    for impl in ("pallas", "xla"):
-        fwd = lambda *a, impl=impl: chunk_gated_delta_rule(*a, impl=impl)[0]  # noqa: E731
+    for impl, pallas in (("pallas", PALLAS), ("xla", {})):
+        fwd = lambda *a, impl=impl, pallas=pallas: chunk_gated_delta_rule(*a, impl=impl, **pallas)[0]  # noqa: E731
         res[impl] = [_time(fwd, (q, k, v, g, beta), args.repeats), None]
     C = 64
     flops = 2.0 * B * H * T * (3 * Kd * Kd + C * (2 * Kd + Kd + Kd + Kd / 3))
