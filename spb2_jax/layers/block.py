@@ -78,4 +78,4 @@ def remat_block(policy: str) -> type[DecoderBlock]:
         return DecoderBlock
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat={policy!r} is not one of {('none',) + tuple(REMAT_POLICIES)}")
-    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[policy], prevent_cse=False, static_argnums=(3,))
+    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[policy], static_argnums=(3,))

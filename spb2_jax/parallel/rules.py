@@ -91,6 +91,15 @@ def mesh_axes_of(name: str, rules=RULES) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def use_rules(mesh: jax.sharding.Mesh, rules=RULES):
-    """Within: ``mesh`` is the current mesh and the model's logical names map to its axes by ``rules``."""
+    """Within: ``mesh`` is the current mesh and the model's logical names map to its axes by ``rules``.
+
+    The mesh's axes must be ``AxisType.Auto`` (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)``): the
+    logical constraints are sharding hints for the compiler; with ``Explicit`` axes (``jax.make_mesh``'s default
+    in jax >= 0.7) a constraint would be an assertion about the operand's sharding instead."""
+    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                if kind == jax.sharding.AxisType.Explicit]
+    if explicit:
+        raise ValueError(f"mesh axes {explicit} are Explicit; the logical rules need Auto axes: "
+                         "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
