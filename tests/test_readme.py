@@ -23,3 +23,21 @@ def test_readme_has_exactly_two_setup_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert _commands()[1] in ci
+
+
+def _use_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+
+
+def test_use_section_runs_as_written():
+    """Every python block of README's "Use" section, in order, in one namespace (as a notebook would)."""
+    blocks = _use_blocks()
+    assert len(blocks) >= 3 and "spb2.load_pretrained()" in blocks[0]
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md Use block {i}", "exec"), namespace)  # noqa: S102
+    assert namespace["out"].logits.shape == (1, 6, namespace["config"].vocab_size)
+    assert isinstance(namespace["texts"][0], str) and len(namespace["ids"][0]) == 4
+    assert namespace["model"].config.layer_kinds == ("moba", "sse_gdn", "moba", "sse_gdn", "sse_gdn", "full")
