@@ -18,6 +18,7 @@ import numpy as np
 
 from spb2_jax.config import SpB2Config
 from spb2_jax.model import SpB2ForCausalLM, init_params
+from spb2_jax.options import resolve_options
 
 
 def main(argv=None):
@@ -32,7 +33,7 @@ def main(argv=None):
     params = init_params(config, jax.random.key(0))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     ids = jax.random.randint(jax.random.key(1), (1, args.seq_len), 0, config.vocab_size)
-    model = SpB2ForCausalLM(config, impl=args.impl)
+    model = SpB2ForCausalLM(config, resolve_options(config, impl=args.impl))
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits[:, -1])
     t0 = time.perf_counter()
     last = forward(params, ids).block_until_ready()
