@@ -7,10 +7,15 @@ import re
 from tests.conftest import REPO
 
 
-def _commands() -> list[str]:
+def _blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of README's ``## {section}`` section, in order."""
     text = (REPO / "README.md").read_text()
-    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)\n```", body, flags=re.S)
+
+
+def _commands() -> list[str]:
+    return _blocks("Set up", "bash")
 
 
 def test_readme_has_exactly_two_setup_commands():
@@ -25,15 +30,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert _commands()[1] in ci
 
 
-def _use_blocks() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
-
-
 def test_use_section_runs_as_written():
     """Every python block of README's "Use" section, in order, in one namespace (as a notebook would)."""
-    blocks = _use_blocks()
+    blocks = _blocks("Use", "python")
     assert len(blocks) >= 3 and "spb2.load_pretrained()" in blocks[0]
     namespace: dict = {}
     for i, block in enumerate(blocks):
