@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spb2_jax.checkpoint import load_hf
 from spb2_jax.loss import IGNORE_INDEX, causal_lm_loss_tiled, tiled_cross_entropy
-from spb2_jax.model import causal_lm_loss
+from spb2_jax.model import causal_lm_loss, loss_fn
+from tests.conftest import fixture_dir
 
 AUX_COEF = 0.01
 U32 = 2.0 ** -24  # float32 unit roundoff
@@ -202,3 +204,17 @@ def test_memory_32k(hidden_dtype):
         plain, _ = _compiled_temp_bytes(_plain, B, T, V, D, hidden_dtype)
         print(f"plain temp {plain / 1e9:.3f} GB")
         assert tiled < 0.1 * plain
+
+
+@pytest.mark.parametrize("name", ["tiny-var", "tiny-leftpad"])
+def test_loss_fn_equals_the_official_loss(name):
+    """``model.loss_fn`` (the tiled loss over the final hidden states) against the official model's loss, CE and
+    aux loss on an untied (tiny-var) and a left-padded tied (tiny-leftpad) fixture, within the fixtures' 1e-4."""
+    config, params = load_hf(fixture_dir(name), progress=False)
+    inputs = np.load(fixture_dir(name) / "inputs.npz")
+    ref = np.load(fixture_dir(name) / "outputs.npz")
+    mask = inputs["attention_mask"] if "attention_mask" in inputs else None
+    _, parts = jax.jit(lambda p: loss_fn(p, config, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["labels"]),
+                                         mask, tile_size=32))(params)
+    for key in ("loss", "ce_loss", "aux_loss"):
+        assert abs(float(parts[key]) - float(ref[key])) <= 1e-4, (key, float(parts[key]), float(ref[key]))
