@@ -37,8 +37,8 @@ def check_whole_tiles(T, block):
 
 
 def row_delta(o, do):
-    """``delta = rowsum(dO * O)`` of the backward, ``[B, N, T]`` float32 from ``o, do [B, T, N, D]``."""
-    return jnp.einsum("BTND,BTND->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+    """``delta = rowsum(dO * O)`` of the backward, ``[B, N, T]`` float32 from ``o, do [B, T, N, H]``."""
+    return jnp.einsum("BTNH,BTNH->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
 def dot(a, b, trans_b=False):
@@ -49,7 +49,7 @@ def dot(a, b, trans_b=False):
 
 
 def softmax_step(carry, q, k, v, mask, scale):
-    """One key tile of the online softmax: ``carry = (o [t, D], m [t], l [t])`` float32, ``mask [t, s]``."""
+    """One key tile of the online softmax: ``carry = (o [t, H], m [t], l [t])`` float32, ``mask [t, s]``."""
     o, m, l = carry
     s = jnp.where(mask, dot(q, k, trans_b=True) * scale, MASKED)  # [t, s] float32
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -59,9 +59,9 @@ def softmax_step(carry, q, k, v, mask, scale):
     return o, m_new, l * corr + p.sum(axis=-1)
 
 
-def softmax_init(rows, D):
+def softmax_init(rows, H):
     """Empty online-softmax carry for ``rows`` queries."""
-    return (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
+    return (jnp.zeros((rows, H), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 

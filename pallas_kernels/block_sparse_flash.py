@@ -27,6 +27,9 @@ per-token mask, the matmul and the tile steps live in ``_flash_common``, shared 
 The caller picks the kernels: ``target="triton"`` (these, lowered through Pallas' Triton backend on GPU) or
 ``"mosaic_tpu"`` (the TPU-style twins of ``block_sparse_flash_tpu``); ``forward`` / ``backward`` and
 ``block_sparse_attention`` dispatch on it. ``interpret=True`` runs either on CPU (tests).
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N query heads, K kv heads, G group, H head dim); here also ``R``
+selected blocks per token, ``M`` the length of a tile list and ``nT`` the number of tiles.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def _columns(sel_ref, rows=slice(None), *head):
 def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, qblk_ref, kblk_ref, sel_ref,
                 o_ref, lse_ref, *, spec, scale, block):
     i = pl.program_id(2)
-    q = q_ref[...]  # [t, D]
+    q = q_ref[...]  # [t, H]
     q_pos = i * block + jnp.arange(block, dtype=jnp.int32)
     q_seg, q_blk, q_sel = qseg_ref[...], qblk_ref[...], _columns(sel_ref)
 
@@ -145,7 +148,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     """One (row, kv head, key tile) program: for each query head g of the GQA group in turn, walk its transposed
     list (query tiles that visit this key tile); the group's dK/dV accumulate in registers."""
     j = pl.program_id(2)
-    k, v = k_ref[...], v_ref[...]  # [s, D]
+    k, v = k_ref[...], v_ref[...]  # [s, H]
     k_pos = j * block + jnp.arange(block, dtype=jnp.int32)
     k_seg, k_blk = kseg_ref[...], kblk_ref[...]
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -167,7 +170,7 @@ def _dkv_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
 # ----------------------------------------------------------------------------------------------- pallas calls
 
-def _specs(B, N, K, T, D, R, M, block):
+def _specs(B, N, K, T, H, R, M, block):
     """BlockSpecs of the forward and dQ kernels; grid = (B, N, T // block), GQA kv head = n // (N // K)."""
     G = N // K
     tile = lambda b, n, i: (b, i, n, 0)  # noqa: E731
@@ -175,8 +178,8 @@ def _specs(B, N, K, T, D, R, M, block):
     return dict(
         lists=pl.BlockSpec((None, None, None, M), lambda b, n, i: (b, n, i, 0)),
         count=pl.BlockSpec((None, None, None, 1), lambda b, n, i: (b, n, i, 0)),
-        q_tile=pl.BlockSpec((None, block, None, D), tile),
-        kv_whole=pl.BlockSpec((None, T, None, D), whole_kv),
+        q_tile=pl.BlockSpec((None, block, None, H), tile),
+        kv_whole=pl.BlockSpec((None, T, None, H), whole_kv),
         row_tile=pl.BlockSpec((None, None, block), lambda b, n, i: (b, n, i)),
         tok_tile=pl.BlockSpec((None, block), lambda b, n, i: (b, i)),
         tok_whole=pl.BlockSpec((None, T), lambda b, n, i: (b, 0)),
@@ -184,15 +187,15 @@ def _specs(B, N, K, T, D, R, M, block):
     )
 
 
-def _group_specs(N, K, T, D, R, M, block):
+def _group_specs(N, K, T, H, R, M, block):
     """BlockSpecs of the dK/dV kernel: grid = (B, K, T // block), the GQA group's query heads ``kv G .. kv G +
     G - 1`` as one block of G heads."""
     G = N // K
     return dict(
         lists=pl.BlockSpec((None, G, None, M), lambda b, kv, j: (b, kv, j, 0)),
         count=pl.BlockSpec((None, G, None, 1), lambda b, kv, j: (b, kv, j, 0)),
-        q_whole=pl.BlockSpec((None, T, G, D), lambda b, kv, j: (b, 0, kv, 0)),
-        kv_tile=pl.BlockSpec((None, block, None, D), lambda b, kv, j: (b, j, kv, 0)),
+        q_whole=pl.BlockSpec((None, T, G, H), lambda b, kv, j: (b, 0, kv, 0)),
+        kv_tile=pl.BlockSpec((None, block, None, H), lambda b, kv, j: (b, j, kv, 0)),
         row_whole=pl.BlockSpec((None, G, T), lambda b, kv, j: (b, kv, 0)),
         tok_tile=pl.BlockSpec((None, block), lambda b, kv, j: (b, j)),
         tok_whole=pl.BlockSpec((None, T), lambda b, kv, j: (b, 0)),
@@ -203,10 +206,10 @@ def _group_specs(N, K, T, D, R, M, block):
 def _triton_forward(q, k, v, meta, spec, scale, block, interpret, out_dtype):
     """``forward`` with the GPU-style kernels."""
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     check_whole_tiles(T, block)  # the grid would drop the tail rows
     K = k.shape[2]
-    s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
+    s = _specs(B, N, K, T, H, sel.shape[-1], fwd_lists.shape[-1], block)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block),
         grid=(B, N, T // block),
@@ -223,9 +226,9 @@ def _triton_forward(q, k, v, meta, spec, scale, block, interpret, out_dtype):
 def _triton_backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtype):
     """``backward`` with the GPU-style kernels."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
-    s = _specs(B, N, K, T, D, sel.shape[-1], fwd_lists.shape[-1], block)
+    s = _specs(B, N, K, T, H, sel.shape[-1], fwd_lists.shape[-1], block)
     delta = row_delta(o, do)
     grid = (B, N, T // block)
     dq = pl.pallas_call(
@@ -239,7 +242,7 @@ def _triton_backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, g
         compiler_params=triton_params(interpret),
         name="block_sparse_flash_dq",
     )(fwd_lists, fwd_count[..., None], q, k, v, do, lse, delta, seg, seg, blk, blk, sel)
-    sg = _group_specs(N, K, T, D, sel.shape[-1], bwd_lists.shape[-1], block)
+    sg = _group_specs(N, K, T, H, sel.shape[-1], bwd_lists.shape[-1], block)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block),
         grid=(B, K, T // block),
@@ -258,7 +261,7 @@ def _triton_backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, g
 
 def forward(q, k, v, meta, spec: MaskSpec, scale: float, block: int, *, interpret: bool, target: str,
             out_dtype=None):
-    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` of the listed tiles (no VJP:
+    """``(o [B, T, N, H] in out_dtype (default q.dtype), lse [B, N, T] float32)`` of the listed tiles (no VJP:
     for callers that merge it with more attention, as ``moba_gathered``).
 
     ``target``: ``"triton"`` (the GPU-style kernels of this module) or ``"mosaic_tpu"`` (their TPU-style twins in
@@ -283,7 +286,7 @@ def backward(q, k, v, o, lse, do, meta, spec: MaskSpec, scale: float, block: int
 
 def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: int, *, interpret: bool,
                            target: str):
-    """Attention of ``q [B, T, N, D]`` over ``k, v [B, T, K, D]`` restricted to listed tiles and masked per token.
+    """Attention of ``q [B, T, N, H]`` over ``k, v [B, T, K, H]`` restricted to listed tiles and masked per token.
 
     ``T`` must be a multiple of ``block`` (callers pad with segment 0). ``meta`` = (fwd_lists ``[B, N, nT, M]``,
     fwd_count ``[B, N, nT]``, bwd_lists ``[B, N, nT, M']``, bwd_count (the transposed lists: query tiles per key
@@ -291,7 +294,7 @@ def block_sparse_attention(q, k, v, meta, spec: MaskSpec, scale: float, block: i
     sel ``[B, T, N, R]``), all int32, from ``tile_lists`` and the caller's per-token metadata.
     ``interpret``: run the kernels in interpret mode (CPU). ``target``: ``"triton"`` (the GPU-style kernels of
     this module) or ``"mosaic_tpu"`` (their TPU-style twins in ``block_sparse_flash_tpu``); ValueError otherwise.
-    Returns ``o [B, T, N, D]`` in ``q.dtype`` (padding rows 0).
+    Returns ``o [B, T, N, H]`` in ``q.dtype`` (padding rows 0).
     """
     return _block_sparse_attention(q, k, v, meta, spec, scale, block, interpret, check_target(target))
 
@@ -326,13 +329,13 @@ def dense_mask(seg: jax.Array, blk: jax.Array, sel: jax.Array, spec: MaskSpec) -
 
 def block_sparse_attention_reference(q, k, v, seg, blk, sel, spec: MaskSpec, scale: float):
     """Dense ``[T, T]`` twin of ``block_sparse_attention`` (no tile lists: every key is considered), float32."""
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
     mask = dense_mask(seg, blk, sel, spec)  # [B, N, T, T]
-    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, D)
-    logits = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)).reshape(B, N, T, T) * scale
+    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)).reshape(B, N, T, T) * scale
     logits = jnp.where(mask, logits, MASKED)
     p = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
     p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    o = jnp.einsum("BKGTS,BSKD->BTKGD", p.reshape(B, K, N // K, T, T), v.astype(jnp.float32))
-    return o.reshape(B, T, N, D).astype(q.dtype)
+    o = jnp.einsum("BKGTS,BSKH->BTKGH", p.reshape(B, K, N // K, T, T), v.astype(jnp.float32))
+    return o.reshape(B, T, N, H).astype(q.dtype)

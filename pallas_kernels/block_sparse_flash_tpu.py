@@ -9,7 +9,7 @@ dQ) or Q/dO tiles (dK/dV) into VMEM, one per step; steps past a tile's count re-
 copy) and skip the compute. Online-softmax statistics and gradient accumulators live in float32 VMEM scratch
 across the last ("arbitrary") grid dimension and are written out at its last step.
 
-Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, D]``), per-token metadata of the query side
+Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, H]``), per-token metadata of the query side
 as columns ``[B, T, 1]`` and of the key side as rows ``[B, 1, T]``, statistics as ``[B, N, T, 1]``; a tile must
 be a multiple of 128 tokens or the whole (padded) sequence. dK/dV use transposed-LHS matmuls (no explicit
 transpose). SMEM holds the whole lists, flattened: ``B N nT M`` int32 (MoBA lists can be ``nT`` long: at 32k
@@ -150,15 +150,15 @@ def _listed(b, n, i, c, lists, counts, dims):
     return _list_at(lists, dims, b, n, i, jnp.minimum(c, jnp.maximum(_count_at(counts, dims, b, n, i) - 1, 0)))
 
 
-def _specs(N, K, D, R, block, dims):
+def _specs(N, K, H, R, block, dims):
     """BlockSpecs on the forward / dQ grid (b, query head n, query tile i, list entry c): ``own`` = the tile the
     program writes, ``listed`` = the key tile its list entry names. GQA kv head = n // (N // K)."""
     G = N // K
     kv_head = lambda n: jax.lax.div(n, G)  # noqa: E731  (n // G lowers through sign(), which Mosaic ties to a chip)
     own = lambda b, n, i, c, L, Cn: (b, n, i, 0)  # noqa: E731
     return dict(
-        head_own=pl.BlockSpec((None, None, block, D), own),
-        kv_listed=pl.BlockSpec((None, None, block, D),
+        head_own=pl.BlockSpec((None, None, block, H), own),
+        kv_listed=pl.BlockSpec((None, None, block, H),
                                lambda b, n, i, c, L, Cn: (b, kv_head(n), _listed(b, n, i, c, L, Cn, dims), 0)),
         stat_own=pl.BlockSpec((None, None, block, 1), own),
         col_own=pl.BlockSpec((None, block, 1), lambda b, n, i, c, L, Cn: (b, i, 0)),
@@ -167,7 +167,7 @@ def _specs(N, K, D, R, block, dims):
     )
 
 
-def _dkv_specs(N, K, D, R, block, dims):
+def _dkv_specs(N, K, H, R, block, dims):
     """BlockSpecs on the dK/dV grid (b, kv head, key tile j, e): query head ``kv G + e // width``, its list entry
     ``e % width`` names the query tile."""
     G, width = N // K, dims[2]
@@ -185,10 +185,10 @@ def _dkv_specs(N, K, D, R, block, dims):
 
     own = lambda b, kv, j, e, L, Cn: (b, kv, j, 0)  # noqa: E731
     return dict(
-        head_listed=pl.BlockSpec((None, None, block, D), head_listed),
+        head_listed=pl.BlockSpec((None, None, block, H), head_listed),
         stat_listed=pl.BlockSpec((None, None, block, 1), head_listed),
         sel_listed=pl.BlockSpec((None, None, block, R), head_listed),
-        kv_own=pl.BlockSpec((None, None, block, D), own),
+        kv_own=pl.BlockSpec((None, None, block, H), own),
         col_listed=pl.BlockSpec((None, block, 1), lambda b, kv, j, e, L, Cn: (b, listed(b, kv, j, e, L, Cn)[1], 0)),
         row_own=pl.BlockSpec((None, 1, block), lambda b, kv, j, e, L, Cn: (b, 0, j)),
     )
@@ -230,13 +230,13 @@ def _layout(q, k, v, seg, blk, sel):
 
 
 def forward(q, k, v, meta, spec, scale, block, interpret, out_dtype=None):
-    """``(o [B, T, N, D] in out_dtype (default q.dtype), lse [B, N, T] float32)`` as
+    """``(o [B, T, N, H] in out_dtype (default q.dtype), lse [B, N, T] float32)`` as
     ``block_sparse_flash.forward``."""
     fwd_lists, fwd_count, _, _, seg, blk, sel = meta
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     _check_tile(T, block, interpret)
     lists, counts, dims = _scalar_operands(fwd_lists, fwd_count, interpret)
-    s = _specs(N, k.shape[2], D, sel.shape[-1], block, dims)
+    s = _specs(N, k.shape[2], H, sel.shape[-1], block, dims)
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, scale=scale, block=block, dims=dims),
@@ -245,7 +245,7 @@ def forward(q, k, v, meta, spec, scale, block, interpret, out_dtype=None):
             in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["col_own"], s["row_listed"], s["col_own"],
                       s["row_listed"], s["sel_own"]],
             out_specs=[s["head_own"], s["stat_own"]],
-            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, 1), jnp.float32),
+            scratch_shapes=[pltpu.VMEM((block, H), jnp.float32), pltpu.VMEM((block, 1), jnp.float32),
                             pltpu.VMEM((block, 1), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(q_.shape, out_dtype or q.dtype),
                    jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)],
@@ -260,10 +260,10 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtyp
     """``(dq, dk, dv)`` as ``block_sparse_flash.backward`` (in ``grad_dtype``, default the input dtypes); the
     dK/dV kernel sums each GQA group in VMEM."""
     fwd_lists, fwd_count, bwd_lists, bwd_count, seg, blk, sel = meta
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
     lists, counts, dims = _scalar_operands(fwd_lists, fwd_count, interpret)
-    s = _specs(N, K, D, sel.shape[-1], block, dims)
+    s = _specs(N, K, H, sel.shape[-1], block, dims)
     delta = row_delta(o, do)[..., None]
     lse = lse[..., None]
     q_, k_, v_, seg_c, seg_r, blk_c, blk_r, sel_ = _layout(q, k, v, seg, blk, sel)
@@ -275,7 +275,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtyp
             in_specs=[s["head_own"], s["kv_listed"], s["kv_listed"], s["head_own"], s["stat_own"], s["stat_own"],
                       s["col_own"], s["row_listed"], s["col_own"], s["row_listed"], s["sel_own"]],
             out_specs=s["head_own"],
-            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((block, H), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q_.shape, grad_dtype or q.dtype),
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),
@@ -283,7 +283,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtyp
     )(lists, counts, q_, k_, v_, do_, lse, delta, seg_c, seg_r, blk_c, blk_r, sel_)
     lists, counts, dims = _scalar_operands(bwd_lists, bwd_count, interpret)
     width = dims[2]
-    sk = _dkv_specs(N, K, D, sel.shape[-1], block, dims)
+    sk = _dkv_specs(N, K, H, sel.shape[-1], block, dims)
     kv_shape = jax.ShapeDtypeStruct(k_.shape, grad_dtype or k.dtype)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, scale=scale, block=block, group=N // K, dims=dims),
@@ -293,7 +293,7 @@ def backward(q, k, v, o, lse, do, meta, spec, scale, block, interpret, grad_dtyp
                       sk["stat_listed"], sk["col_listed"], sk["row_own"], sk["col_listed"], sk["row_own"],
                       sk["sel_listed"]],
             out_specs=[sk["kv_own"], sk["kv_own"]],
-            scratch_shapes=[pltpu.VMEM((block, D), jnp.float32), pltpu.VMEM((block, D), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((block, H), jnp.float32), pltpu.VMEM((block, H), jnp.float32)]),
         out_shape=[kv_shape, kv_shape],
         interpret=interpret,
         compiler_params=tpu_params(interpret, _SEMANTICS),

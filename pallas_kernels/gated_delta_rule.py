@@ -1,5 +1,5 @@
 """Chunked gated delta rule forward kernel (Pallas): one program per (batch row, head) walks the chunks in order,
-keeping the float32 state ``[K, V]`` on chip.
+keeping the float32 state ``[H, E]`` on chip.
 
 Per chunk of C tokens (state ``S0`` at its start; notation of ``spb2_jax.ops.gdn_chunked``):
 
@@ -15,6 +15,9 @@ arithmetic in float32 (``Precision.HIGHEST`` dots: no TF32). The unit lower-tria
 substitution over the C rows with whole-tile masked updates (``X_i = e_i - A_i X``), which lowers on Triton
 and in interpret mode alike. Only the forward pass is a kernel; ``spb2_jax.ops`` differentiates through the XLA
 path with a custom VJP.
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N heads, H key head dim, E value head dim); the capital ``Q, K,
+V, U, W, A, G, S`` of the formulas above are per-chunk matrices, decays and states, not shapes.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _gdn_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, before_ref, h0_r
 
     def step(c, S):
         sl = pl.ds(pl.multiple_of(c * C, C), C)
-        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]  # [C, K], [C, K], [C, V]
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]  # [C, H], [C, H], [C, E]
         g, beta, runs = g_ref[sl], beta_ref[sl], runs_ref[sl]  # [C]
         G = jnp.sum(jnp.where(s <= t, g[None, :], 0.0), axis=1)  # inclusive cumsum, [C]
         same = runs[:, None] == runs[None, :]
@@ -89,19 +92,19 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
     """Forward of the chunked gated delta rule on prepared inputs.
 
     Args:
-      q, k: ``[B, T, H, K]`` float32 (q already scaled, both normalised if wanted, padding zeroed);
-      v: ``[B, T, H, V]`` float32; g, beta: ``[B, T, H]`` float32 (padding: 0); ``T % chunk_size == 0``.
+      q, k: ``[B, T, N, H]`` float32 (q already scaled, both normalised if wanted, padding zeroed);
+      v: ``[B, T, N, E]`` float32; g, beta: ``[B, T, N]`` float32 (padding: 0); ``T % chunk_size == 0``.
       runs: ``[B, T]`` int32 state-run id of every token; run_before: ``[B, T // C]`` run owning each chunk's
         incoming state (``spb2_jax.ops.segments.chunk_runs`` laid out as ``[B, ...]``).
-      initial_state: ``[B, H, K, V]`` float32.
+      initial_state: ``[B, N, H, E]`` float32.
       chunk_size: C. interpret: run the kernel in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for
         jax's TPU simulator). target: ``"triton"`` (this module's kernel, GPU style) or ``"mosaic_tpu"``
         (``gated_delta_rule_tpu``); ValueError otherwise.
     Returns:
-      ``o [B, T, H, V]`` float32 and the final state ``[B, H, K, V]`` float32.
+      ``o [B, T, N, E]`` float32 and the final state ``[B, N, H, E]`` float32.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, N, H = q.shape
+    E = v.shape[-1]
     C = chunk_size
     if T % C:
         raise ValueError(f"{T=} must be a multiple of {chunk_size=}")
@@ -111,14 +114,14 @@ def gated_delta_rule_fwd(q, k, v, g, beta, runs, run_before, initial_state, *, c
     n = T // C
     seq = lambda d: pl.BlockSpec((None, T, None, d), lambda b, h: (b, 0, h, 0))  # noqa: E731
     gate = pl.BlockSpec((None, T, None), lambda b, h: (b, 0, h))
-    state = pl.BlockSpec((None, None, K, V), lambda b, h: (b, h, 0, 0))
+    state = pl.BlockSpec((None, None, H, E), lambda b, h: (b, h, 0, 0))
     return pl.pallas_call(
         functools.partial(_gdn_kernel, chunk=C),
-        grid=(B, H),
-        in_specs=[seq(K), seq(K), seq(V), gate, gate, pl.BlockSpec((None, T), lambda b, h: (b, 0)),
+        grid=(B, N),
+        in_specs=[seq(H), seq(H), seq(E), gate, gate, pl.BlockSpec((None, T), lambda b, h: (b, 0)),
                   pl.BlockSpec((None, n), lambda b, h: (b, 0)), state],
-        out_specs=[seq(V), state],
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+        out_specs=[seq(E), state],
+        out_shape=[jax.ShapeDtypeStruct((B, T, N, E), jnp.float32), jax.ShapeDtypeStruct((B, N, H, E), jnp.float32)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="chunk_gated_delta_rule_fwd",

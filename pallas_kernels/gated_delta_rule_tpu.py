@@ -1,14 +1,16 @@
 """Chunked gated delta rule forward, TPU style (Mosaic TPU): the grid is (batch row, head, chunk) with the chunk
-dimension sequential ("arbitrary"); the float32 state ``[K, V]`` stays in VMEM scratch from one chunk to the next
+dimension sequential ("arbitrary"); the float32 state ``[H, E]`` stays in VMEM scratch from one chunk to the next
 and the pipeline streams one chunk of q/k/v per step.
 
 Same arithmetic as the GPU-style kernel in ``gated_delta_rule`` (see its docstring), laid out for Mosaic: heads
-before time (``[B, H, T, K]``: a block's last two dims are (C, K)); per-token scalars (gates, beta, run ids)
+before time (``[B, N, T, H]``: a block's last two dims are (C, H)); per-token scalars (gates, beta, run ids)
 come as columns ``[C, 1]`` and rows ``[1, C]`` so that every value stays two-dimensional; the run owning each
 chunk's incoming state and the run of its last token are scalar-prefetched into SMEM (flattened: SMEM pads the
 last dim of N-D arrays). The unit lower-triangular solve is forward substitution with masked whole-tile updates
 (no matrix-vector products with one row) on the transposed matrix, which is built directly; matmuls contract
 over either dim instead of transposing.
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N heads, H key head dim, E value head dim).
 """
 
 from __future__ import annotations
@@ -87,28 +89,28 @@ def _gdn_kernel(before_ref, last_ref, q_ref, k_ref, v_ref, g_col_ref, g_row_ref,
 def gated_delta_rule_fwd_tpu(q, k, v, g, beta, runs, run_before, initial_state, *, chunk_size: int,
                              interpret: bool = False):
     """TPU-style twin of ``gated_delta_rule.gated_delta_rule_fwd`` (same arguments, same results)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, N, H = q.shape
+    E = v.shape[-1]
     C = chunk_size
     n = T // C
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
-    per_chunk = lambda x: jnp.swapaxes(x, 1, 2).reshape(B, H, n, C)  # noqa: E731  [B, T, H] -> [B, H, n, C]
-    col = lambda x: per_chunk(x)[..., None]  # noqa: E731  [B, H, n, C, 1]
-    row = lambda x: per_chunk(x)[..., None, :]  # noqa: E731  [B, H, n, 1, C]
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, N, ...] <-> [B, N, T, ...]
+    per_chunk = lambda x: jnp.swapaxes(x, 1, 2).reshape(B, N, n, C)  # noqa: E731  [B, T, N] -> [B, N, n, C]
+    col = lambda x: per_chunk(x)[..., None]  # noqa: E731  [B, N, n, C, 1]
+    row = lambda x: per_chunk(x)[..., None, :]  # noqa: E731  [B, N, n, 1, C]
     tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, c, *_: (b, h, c, 0))  # noqa: E731
     col_spec = pl.BlockSpec((None, None, None, C, 1), lambda b, h, c, *_: (b, h, c, 0, 0))
     row_spec = pl.BlockSpec((None, None, None, 1, C), lambda b, h, c, *_: (b, h, c, 0, 0))
     run_col = pl.BlockSpec((None, None, C, 1), lambda b, h, c, *_: (b, c, 0, 0))
     run_row = pl.BlockSpec((None, None, 1, C), lambda b, h, c, *_: (b, c, 0, 0))
-    state = pl.BlockSpec((None, None, K, V), lambda b, h, c, *_: (b, h, 0, 0))
+    state = pl.BlockSpec((None, None, H, E), lambda b, h, c, *_: (b, h, 0, 0))
     o, ht = pl.pallas_call(
         functools.partial(_gdn_kernel, chunk=C),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, H, n),
-            in_specs=[tile(K), tile(K), tile(V), col_spec, row_spec, col_spec, row_spec, run_col, run_row, state],
-            out_specs=[tile(V), state],
-            scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((B, H, T, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+            num_scalar_prefetch=2, grid=(B, N, n),
+            in_specs=[tile(H), tile(H), tile(E), col_spec, row_spec, col_spec, row_spec, run_col, run_row, state],
+            out_specs=[tile(E), state],
+            scratch_shapes=[pltpu.VMEM((H, E), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct((B, N, T, E), jnp.float32), jax.ShapeDtypeStruct((B, N, H, E), jnp.float32)],
         interpret=interpret,
         compiler_params=tpu_params(interpret, ("parallel", "parallel", "arbitrary")),
         name="chunk_gated_delta_rule_fwd_tpu",

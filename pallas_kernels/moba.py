@@ -74,11 +74,11 @@ def moba_flash_attention(
     """MoBA attention with Pallas kernels (forward and backward).
 
     Args:
-      q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]`` (GQA, ``N % K == 0``).
+      q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]`` (GQA, ``N % K == 0``).
       sel: ``[B, T, N, R]`` int32 selected earlier blocks per token and head (segment-relative, -1 = none).
       seg: ``[B, T]`` int32 segment labels (0 = padding; equal labels = same segment, contiguous).
       pos: ``[B, T]`` int32 position of every token inside its segment.
-      chunk_size: MoBA block size C. scale: default ``D ** -0.5``.
+      chunk_size: MoBA block size C. scale: default ``H ** -0.5``.
       block_sizes: kernel tile (default ``BlockSizes.get_default(T)``).
       interpret: run the kernels in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for jax's TPU
         simulator).
@@ -88,11 +88,11 @@ def moba_flash_attention(
         causal work when they differ). Default from ``target``: gathered on ``"triton"``; union on
         ``"mosaic_tpu"`` (the only one with a TPU-style kernel so far).
     Returns:
-      ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
+      ``[B, T, N, H]`` in ``q.dtype``; padding rows are 0.
     """
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
-    if N % K or k.shape != (B, T, K, D) or v.shape != k.shape:
+    if N % K or k.shape != (B, T, K, H) or v.shape != k.shape:
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} (need N % K == 0)")
     if sel.shape[:3] != (B, T, N) or seg.shape != (B, T) or pos.shape != (B, T):
         raise ValueError(f"metadata shapes: sel{sel.shape} seg{seg.shape} pos{pos.shape} for q{q.shape}")
@@ -104,7 +104,7 @@ def moba_flash_attention(
         raise ValueError("algorithm='gathered' has GPU-style (target='triton') kernels only; use 'union' on TPU")
     block = (block_sizes or BlockSizes.get_default(T)).block
     Tp = -(-T // block) * block
-    scale = D ** -0.5 if scale is None else scale
+    scale = H ** -0.5 if scale is None else scale
     if algorithm == "gathered":
         q, k, v = (_pad_time(x, Tp) for x in (q, k, v))
         o = moba_gathered_attention(q, k, v, _pad_time(jax.lax.stop_gradient(sel).astype(jnp.int32), Tp, -1),

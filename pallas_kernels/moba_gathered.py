@@ -26,6 +26,9 @@ for each query head of the GQA group in turn (the group's sum stays on chip).
 
 GPU style (Triton lowering) only for now: with ``target="mosaic_tpu"`` ``moba_flash_attention`` uses the union
 kernel.
+
+Shape letters: see ``spb2_jax.parallel.rules`` and ``block_sparse_flash``; here ``P`` is the number of part-B rows
+per (batch row, head), ``nP = P / block`` row tiles (not the SSE partitions of the package vocabulary).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def _segment(fn, data, rows, T):
 
 
 def scatter_rows(y: jax.Array, rows: jax.Array, T: int) -> jax.Array:
-    """Sum of the rows ``y [B, N, P, D]`` per token: ``[B, T, N, D]``."""
+    """Sum of the rows ``y [B, N, P, H]`` per token: ``[B, T, N, H]``."""
     return jnp.moveaxis(_segment(jax.ops.segment_sum, y, rows, T), 1, 2)
 
 
@@ -239,14 +242,14 @@ def _rows_dkv_kernel(first_ref, count_ref, lo_ref, hi_ref, rows_ref, q_ref, k_re
     dv_ref[...] = dv
 
 
-def _row_specs(N, K, T, P, D, block):
+def _row_specs(N, K, T, P, H, block):
     """BlockSpecs of the row-tile grid (b, query head n, row tile p)."""
     G = N // K
     return dict(
         span=pl.BlockSpec((None, None, None, 2), lambda b, n, p: (b, n, p, 0)),
         rows=pl.BlockSpec((None, None, block), lambda b, n, p: (b, n, p)),
-        tile=pl.BlockSpec((None, None, block, D), lambda b, n, p: (b, n, p, 0)),
-        kv_whole=pl.BlockSpec((None, T, None, D), lambda b, n, p: (b, 0, jax.lax.div(n, G), 0)),
+        tile=pl.BlockSpec((None, None, block, H), lambda b, n, p: (b, n, p, 0)),
+        kv_whole=pl.BlockSpec((None, T, None, H), lambda b, n, p: (b, 0, jax.lax.div(n, G), 0)),
     )
 
 
@@ -256,16 +259,16 @@ def _spans(sr):
 
 
 def _rows_forward(q_g, k, v, sr, scale, block, interpret):
-    """Part B forward: ``(o [B, N, P, D] float32, lse [B, N, P])`` of every row over its block."""
-    B, N, P, D = q_g.shape
+    """Part B forward: ``(o [B, N, P, H] float32, lse [B, N, P])`` of every row over its block."""
+    B, N, P, H = q_g.shape
     T = k.shape[1]
-    s = _row_specs(N, k.shape[2], T, P, D, block)
+    s = _row_specs(N, k.shape[2], T, P, H, block)
     return pl.pallas_call(
         functools.partial(_rows_fwd_kernel, scale=scale, block=block, seq_len=T),
         grid=(B, N, P // block),
         in_specs=[s["span"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"]],
         out_specs=[s["tile"], s["rows"]],
-        out_shape=[jax.ShapeDtypeStruct((B, N, P, D), jnp.float32), jax.ShapeDtypeStruct((B, N, P), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((B, N, P, H), jnp.float32), jax.ShapeDtypeStruct((B, N, P), jnp.float32)],
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="moba_rows_fwd",
@@ -273,30 +276,30 @@ def _rows_forward(q_g, k, v, sr, scale, block, interpret):
 
 
 def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret):
-    """Part B backward: ``(dq rows [B, N, P, D], dk, dv [B, T, K, D])``, float32."""
-    B, N, P, D = q_g.shape
+    """Part B backward: ``(dq rows [B, N, P, H], dk, dv [B, T, K, H])``, float32."""
+    B, N, P, H = q_g.shape
     T, K = k.shape[1], k.shape[2]
     G, nP = N // K, P // block
-    s = _row_specs(N, K, T, P, D, block)
+    s = _row_specs(N, K, T, P, H, block)
     dq_g = pl.pallas_call(
         functools.partial(_rows_dq_kernel, scale=scale, block=block, seq_len=T),
         grid=(B, N, nP),
         in_specs=[s["span"], s["rows"], s["tile"], s["kv_whole"], s["kv_whole"], s["tile"], s["rows"], s["rows"]],
         out_specs=s["tile"],
-        out_shape=jax.ShapeDtypeStruct((B, N, P, D), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((B, N, P, H), jnp.float32),
         interpret=interpret,
         compiler_params=triton_params(interpret),
         name="moba_rows_dq",
     )(_spans(sr), sr.rows, q_g, k, v, do_g, lse_g, delta_g)
     group = lambda *shape: pl.BlockSpec((None, G) + shape, lambda b, kv, j: (b, kv) + (0,) * len(shape))  # noqa
     key_tile = pl.BlockSpec((None, None, G, None, 1), lambda b, kv, j: (b, kv, 0, j, 0))
-    kv_tile = pl.BlockSpec((None, block, None, D), lambda b, kv, j: (b, j, kv, 0))
+    kv_tile = pl.BlockSpec((None, block, None, H), lambda b, kv, j: (b, j, kv, 0))
     grouped = lambda x: x.reshape((B, K, G) + x.shape[2:])  # noqa: E731  [B, N, ...] -> [B, K, G, ...]
     kv_shape = jax.ShapeDtypeStruct(k.shape, jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(_rows_dkv_kernel, scale=scale, block=block),
         grid=(B, K, T // block),
-        in_specs=[key_tile, key_tile, group(nP), group(nP), group(P), group(P, D), kv_tile, kv_tile, group(P, D),
+        in_specs=[key_tile, key_tile, group(nP), group(nP), group(P), group(P, H), kv_tile, kv_tile, group(P, H),
                   group(P), group(P)],
         out_specs=[kv_tile, kv_tile],
         out_shape=[kv_shape, kv_shape],
@@ -311,8 +314,8 @@ def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret)
 # ----------------------------------------------------------------------------------------------- attention
 
 def _merge(o_a, lse_a, o_g, lse_g, rows):
-    """Per token, the softmax over both parts: ``(o [B, T, N, D] float32, lse [B, N, T])`` from part A's ``o_a
-    [B, T, N, D]``, ``lse_a [B, N, T]`` and part B's rows (padding tokens: part A's 0 and 0)."""
+    """Per token, the softmax over both parts: ``(o [B, T, N, H] float32, lse [B, N, T])`` from part A's ``o_a
+    [B, T, N, H]``, ``lse_a [B, N, T]`` and part B's rows (padding tokens: part A's 0 and 0)."""
     T = o_a.shape[1]
     m = jnp.maximum(lse_a, _segment(jax.ops.segment_max, lse_g, rows, T))
     m_rows = jnp.take_along_axis(m, jnp.maximum(rows, 0), axis=2)
@@ -348,7 +351,7 @@ def _from_kv_heads(x):
 
 
 def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
     meta = _own_meta(seg, pos, chunk, block, N)
     o_a, lse_a = forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret=interpret, target="triton",
@@ -372,13 +375,13 @@ def moba_gathered_attention(q, k, v, sel, seg, pos, chunk: int, scale: float, bl
     """MoBA attention (own block causal + selected earlier blocks, per token and head) in gathered form.
 
     Args:
-      q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]``; ``T`` a multiple of ``block`` (pad with segment 0).
+      q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; ``T`` a multiple of ``block`` (pad with segment 0).
       sel: ``[B, T, N, R]`` int32 selected blocks (segment-relative; -1, the own block, later blocks and repeats
         add nothing). seg: ``[B, T]`` segment labels (0 = padding). pos: ``[B, T]`` position in the segment.
       chunk: MoBA block size C. scale: logit scale. block: tile of queries, keys and rows (a power of two).
       interpret: run the kernels in interpret mode (CPU).
     Returns:
-      ``[B, T, N, D]`` in ``q.dtype`` (padding rows 0).
+      ``[B, T, N, H]`` in ``q.dtype`` (padding rows 0).
     """
     return _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret)[0]
 

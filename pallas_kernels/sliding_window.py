@@ -28,9 +28,9 @@ def band_lists(B: int, N: int, nT: int, n_prev: int):
 
 def _attend(q, k, v, seg, window, scale, block_sizes, interpret, target):
     check_target(target)
-    B, T, N, D = q.shape
+    B, T, N, H = q.shape
     K = k.shape[2]
-    if N % K or k.shape != (B, T, K, D) or v.shape != k.shape:
+    if N % K or k.shape != (B, T, K, H) or v.shape != k.shape:
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} (need N % K == 0)")
     if seg.shape != (B, T):
         raise ValueError(f"seg{seg.shape} must be [B, T] = {(B, T)}")
@@ -42,7 +42,7 @@ def _attend(q, k, v, seg, window, scale, block_sizes, interpret, target):
     n_prev = nT - 1 if window is None else min(nT - 1, -(-(window - 1) // block))
     zeros = jnp.zeros((B, Tp), jnp.int32)
     meta = band_lists(B, N, nT, n_prev) + (seg, zeros, jnp.full((B, Tp, N, 1), -1, jnp.int32))
-    scale = D ** -0.5 if scale is None else scale
+    scale = H ** -0.5 if scale is None else scale
     o = block_sparse_attention(q, k, v, meta, MaskSpec(window=window), float(scale), block, interpret=interpret,
                                target=target)
     return o[:, :T]
@@ -53,13 +53,13 @@ def sliding_window_flash_attention(q, k, v, *, window: int, seg: jax.Array, scal
     """Causal sliding-window GQA attention (query t sees keys s with ``t - window < s <= t`` in its segment).
 
     Args:
-      q: ``[B, T, N, D]``; k, v: ``[B, T, K, D]``; window: W > 0; seg: ``[B, T]`` segment labels (0 = padding).
-      scale: default ``D ** -0.5``; block_sizes: kernel tile;
+      q: ``[B, T, N, H]``; k, v: ``[B, T, K, H]``; window: W > 0; seg: ``[B, T]`` segment labels (0 = padding).
+      scale: default ``H ** -0.5``; block_sizes: kernel tile;
       interpret: run the kernels in interpret mode (True on CPU; a ``pltpu.InterpretParams`` for jax's TPU
         simulator); target: ``"triton"`` (GPU-style kernels) or ``"mosaic_tpu"`` (TPU-style); ValueError
         otherwise.
     Returns:
-      ``[B, T, N, D]`` in ``q.dtype``; padding rows are 0.
+      ``[B, T, N, H]`` in ``q.dtype``; padding rows are 0.
     """
     if window <= 0:
         raise ValueError(f"{window=} must be positive")

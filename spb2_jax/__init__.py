@@ -8,18 +8,14 @@ Notebook use::
     texts = model.generate(["Once upon a time"], max_new_tokens=32)
 """
 
-from spb2_jax import _xla_cpu
-
-_xla_cpu.apply()  # before any backend starts: see spb2_jax/_xla_cpu.py
-
-from spb2_jax.api import Model, load_pretrained  # noqa: E402
-from spb2_jax.checkpoint import load_hf, save_hf  # noqa: E402
-from spb2_jax.config import SpB2Config  # noqa: E402
-from spb2_jax.generate import decode_step, generate, init_cache, prefill  # noqa: E402
-from spb2_jax.loss import causal_lm_loss_tiled  # noqa: E402
-from spb2_jax.model import CausalLMOutput, SpB2ForCausalLM, causal_lm_loss, init_params, logical_axes, loss_fn  # noqa: E402
-from spb2_jax.ops.segments import Segments  # noqa: E402
-from spb2_jax.options import Kernels, ModelOptions, resolve_options  # noqa: E402
+from spb2_jax.api import Model, load_pretrained
+from spb2_jax.checkpoint import load_hf, save_hf
+from spb2_jax.config import SpB2Config
+from spb2_jax.generate import decode_step, generate, init_cache, prefill
+from spb2_jax.loss import causal_lm_loss_tiled
+from spb2_jax.model import CausalLMOutput, SpB2ForCausalLM, causal_lm_loss, init_params, logical_axes, loss_fn
+from spb2_jax.ops.segments import Segments
+from spb2_jax.options import Kernels, ModelOptions, resolve_options
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,8 @@
-"""Shared test helpers: where the official golden fixtures live (``../shared`` beside the repo)."""
+"""Fixtures (the shared cases and helpers are in ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import pytest
 
 # The suite compiles hundreds of small XLA programs on a 2-core CI machine, where compile time dominates. LLVM -O0
 # for XLA:CPU's generated code compiles them ~30% faster (measured on the generation tests) and leaves the HLO, and
@@ -13,21 +10,37 @@ import pytest
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPB2_SHARED", REPO.parent / "shared"))
-OFFICIAL = SHARED / "fixtures" / "official"
-FIXTURES = ("tiny", "tiny-mask", "tiny-gla", "tiny-gla-mask", "tiny-var", "tiny-leftpad")
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from tests.helpers import FIXTURES, REPO, fixture_dir  # noqa: E402, F401  (re-exported: modules import them here)
 
 
-def fixture_dir(name: str) -> Path:
-    """Directory of an official fixture; fails loudly (never skips) when ../shared is absent."""
-    path = OFFICIAL / name
-    if not (path / "outputs.npz").is_file():
-        raise FileNotFoundError(f"official fixture {name!r} not found at {path}: the tests need ../shared beside "
-                                "the repository (or SPB2_SHARED pointing at it)")
-    return path
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Skips most XLA optimisation passes for a module of many small programs (``pytestmark =
+    pytest.mark.usefixtures("fast_compiles")``): compile time dominates them, and the passes change nothing the
+    comparisons look at. Restored afterwards."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
-@pytest.fixture(params=FIXTURES)
-def official_fixture(request) -> Path:
-    return fixture_dir(request.param)
+@pytest.fixture
+def pallas_target(request, monkeypatch):
+    """The Pallas target (``"triton"`` or ``"mosaic_tpu"``) a kernel test runs, parametrized with ``indirect=True``;
+    records every ``pallas_call`` and checks at teardown that kernels of that target, and only those, ran
+    (TPU-style kernels are named ``*_tpu``)."""
+    names = []
+    real = pl.pallas_call
+
+    def recording(*args, **kwargs):
+        names.append(kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "pallas_call", recording)
+    yield request.param
+    tpu = request.param == "mosaic_tpu"
+    assert names and all(n.endswith("_tpu") == tpu for n in names), names

@@ -33,7 +33,7 @@ from spb2_jax.checkpoint import (
 )
 from spb2_jax.config import SpB2Config
 from spb2_jax.model import abstract_params
-from tests.conftest import FIXTURES, REPO, fixture_dir
+from tests.helpers import FIXTURES, REPO, fixture_dir
 
 
 def _load_tool(name: str):
@@ -76,7 +76,7 @@ def _error_lines(message: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("path, name, transposed", [
+NAMES = [
     (("model", "layers_3", "attn", "q_proj", "kernel"), "model.layers.3.attn.q_proj.weight", True),
     (("model", "layers_12", "attn", "lora_q_proj_0", "kernel"), "model.layers.12.attn.lora_q_proj.0.weight", True),
     (("model", "layers_1", "attn", "sse_gk_proj_0_1", "bias"), "model.layers.1.attn.sse_gk_proj.0.1.bias", False),
@@ -87,12 +87,15 @@ def _error_lines(message: str) -> list[str]:
     (("model", "layers_7", "attn", "A_log"), "model.layers.7.attn.A_log", False),
     (("model", "layers_7", "attn", "dt_bias"), "model.layers.7.attn.dt_bias", False),
     (("lm_head", "kernel"), "lm_head.weight", True),
-])
+]
+
+
+@pytest.mark.parametrize("path, name, transposed", NAMES, ids=[name for _, name, _ in NAMES])
 def test_flax_path_to_hf(path, name, transposed):
     assert flax_path_to_hf(path) == (name, transposed)
 
 
-@pytest.mark.parametrize("fixture, name, path", [
+FIXTURE_NAMES = [
     ("tiny", "model.layers.1.attn.lora_q_proj.0.weight", ("model", "layers_1", "attn", "lora_q_proj_0", "kernel")),
     ("tiny", "model.layers.5.attn.q_proj.weight", ("model", "layers_5", "attn", "q_proj", "kernel")),
     ("tiny", "model.layers.3.attn.sse_q_proj.weight", ("model", "layers_3", "attn", "sse_q_proj", "kernel")),
@@ -102,7 +105,10 @@ def test_flax_path_to_hf(path, name, transposed):
     ("tiny-gla", "model.layers.1.attn.sse_gk_proj.0.1.bias", ("model", "layers_1", "attn", "sse_gk_proj_0_1", "bias")),
     ("tiny-var", "lm_head.weight", ("lm_head", "kernel")),
     ("tiny-var", "model.embeddings.weight", ("model", "embeddings", "embedding")),
-])
+]
+
+
+@pytest.mark.parametrize("fixture, name, path", FIXTURE_NAMES, ids=[f"{f}-{n}" for f, n, _ in FIXTURE_NAMES])
 def test_hf_name_to_flax_path_and_shapes(fixture, name, path):
     """HF name -> Flax path through the spec; kernels have the transposed shape of the HF weight."""
     config = SpB2Config.from_pretrained(fixture_dir(fixture))

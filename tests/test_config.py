@@ -8,7 +8,7 @@ import json
 import pytest
 
 from spb2_jax.config import LayerKind, SpB2Config
-from tests.conftest import FIXTURES, REPO, fixture_dir
+from tests.helpers import FIXTURES, REPO, fixture_dir
 
 PRESETS = sorted((REPO / "configs").glob("*.json"))
 
@@ -33,9 +33,10 @@ def test_fixture_configs_load_and_roundtrip(name):
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
-def test_presets_load(path):
+def test_presets_load_and_roundtrip(path):
     config = SpB2Config.from_json_file(path)
-    assert hash(config) == hash(SpB2Config.from_json_file(path))
+    again = SpB2Config.from_dict(json.loads(config.to_json_string()))
+    assert again == config and hash(again) == hash(config)  # hashable: a static argument of jitted functions
 
 
 def test_5b_presets_have_the_official_shape():
@@ -67,25 +68,27 @@ def _with(changes: dict, attn: dict | None = None) -> dict:
     return d
 
 
-BAD = [
-    ("linear_attn_type", {"linear_attn_type": "mamba"}, None, "'mamba'"),
-    ("num_writer", {"num_writer": 4, "num_reader": 4}, None, "4"),
-    ("num_reader", {"num_reader": 5, "sse_implementation": "mask"}, None, "5"),
-    ("num_reader", {"num_reader": 1, "num_writer": 2, "sse_implementation": "varlen"}, None, "varlen"),
-    ("attn.layers", {}, {"layers": [0, 2, 6], "full_layers": []}, "6"),
-    ("attn.full_layers", {}, {"full_layers": [9]}, "9"),
-    ("attn.full_layers", {}, {"full_layers": [4]}, "not in attn.layers"),
-    ("attn.num_kv_heads", {}, {"num_kv_heads": 3}, "3"),
-    ("attn.num_kv_heads", {"num_heads": 3}, {"num_heads": 4, "num_kv_heads": 2}, "num_heads=3"),
-    ("sse_implementation", {"sse_implementation": "dense"}, None, "'dense'"),
-    ("hidden_size", {"hidden_size": 0}, None, "0"),
-    ("num_v_heads", {"num_v_heads": 8}, None, "8"),
-    ("use_short_conv", {"use_short_conv": True}, None, "True"),
-    ("attn.window_size", {}, {"window_size": -1}, "-1"),
-]
+BAD = {  # id: field named in the error, top-level changes, attn changes, a value the error shows
+    "linear_attn_type-mamba": ("linear_attn_type", {"linear_attn_type": "mamba"}, None, "'mamba'"),
+    "num_writer-4-of-4": ("num_writer", {"num_writer": 4, "num_reader": 4}, None, "4"),
+    "num_reader-5-of-4": ("num_reader", {"num_reader": 5, "sse_implementation": "mask"}, None, "5"),
+    "num_reader-ne-writers-varlen": ("num_reader", {"num_reader": 1, "num_writer": 2, "sse_implementation": "varlen"},
+                                     None, "varlen"),
+    "attn.layers-past-the-last": ("attn.layers", {}, {"layers": [0, 2, 6], "full_layers": []}, "6"),
+    "attn.full_layers-past-the-last": ("attn.full_layers", {}, {"full_layers": [9]}, "9"),
+    "attn.full_layers-not-attention": ("attn.full_layers", {}, {"full_layers": [4]}, "not in attn.layers"),
+    "attn.num_kv_heads-not-a-divisor": ("attn.num_kv_heads", {}, {"num_kv_heads": 3}, "3"),
+    "attn.num_kv_heads-heads-differ": ("attn.num_kv_heads", {"num_heads": 3}, {"num_heads": 4, "num_kv_heads": 2},
+                                       "num_heads=3"),
+    "sse_implementation-dense": ("sse_implementation", {"sse_implementation": "dense"}, None, "'dense'"),
+    "hidden_size-0": ("hidden_size", {"hidden_size": 0}, None, "0"),
+    "num_v_heads-8": ("num_v_heads", {"num_v_heads": 8}, None, "8"),
+    "use_short_conv-true": ("use_short_conv", {"use_short_conv": True}, None, "True"),
+    "attn.window_size-negative": ("attn.window_size", {}, {"window_size": -1}, "-1"),
+}
 
 
-@pytest.mark.parametrize("field,changes,attn,shows", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("field,changes,attn,shows", BAD.values(), ids=BAD.keys())
 def test_invalid_config_names_field_and_value(field, changes, attn, shows):
     with pytest.raises(ValueError) as err:
         SpB2Config.from_dict(_with(changes, attn))

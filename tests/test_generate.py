@@ -14,7 +14,7 @@ from spb2_jax.generate import (KVCache, SSECache, bucket_length, decode_step, fi
                                prefill, sample_token)
 from spb2_jax.model import SpB2ForCausalLM
 from spb2_jax.ops import cached_attention
-from tests.conftest import fixture_dir
+from tests.helpers import fixture_dir
 
 DECODE_FIXTURES = ("tiny", "tiny-mask", "tiny-gla", "tiny-gla-mask", "tiny-var")
 ATOL = 1e-4  # the issue's bound for the fixtures' decode logits
@@ -27,7 +27,8 @@ def tiny():
 
 
 def _teacher_forced(config, params, full, n, **decode_kw):
-    """Prefill ``full[:, :-n + 1]``... i.e. the prompt, then feed the generated ids one by one: ``[B, n, V]``."""
+    """Prefill the prompt ``full[:, :T]`` (``T = len - n``), then feed the next ``n - 1`` ids one by one: the logits
+    of the ``n`` steps, ``[B, n, V]``."""
     T = full.shape[1] - n
     cache = init_cache(config, full.shape[0], T + n)
     logits, cache = prefill(params, config, full[:, :T], cache)

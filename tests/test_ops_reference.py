@@ -1,24 +1,9 @@
-"""spb2_jax.ops reference implementations against the float64 NumPy oracles in tests/oracles.py.
-
-Error metric: ``max|actual - expected| / max|expected|`` (a relative error scaled by the largest entry, so
-exact-zero padding outputs do not divide by zero). Inputs are float32 values; the oracle sees the same values
-in float64, so the error is the float32 arithmetic of the op alone (unit roundoff u = 2^-24 ~ 6e-8). Bounds
-from that arithmetic (every case measured here stays below 7e-7, so the bounds below have >= 10x headroom):
-- norms: a handful of roundings per entry plus a <= 64-term sum -> TOL_ELEMENTWISE = 1e-6.
-- attention / MoBA: D <= 64 dot products give logit errors ~ sqrt(D) u |q||k| scale ~ 3e-7 absolute, which
-  the softmax passes on as a relative output error of the same size -> TOL_ATTN = 5e-6.
-- RoPE: angles pos * inv_freq are float32 (as in HF), absolute angle error <= pos u ~ 7e-6 for the positions
-  used (< 128) -> TOL_ROPE = 1e-5 (it grows with position: that is float32 RoPE, not a bug).
-- recurrences (T <= 100 steps, contractive decays and delta steps): rounding errors of the K-term state
-  updates add up like a random walk, ~ sqrt(T K) u ~ 5e-6 -> TOL_REC = 1e-5.
-Under ``jax.enable_x64(True)`` the ops run on float64 inputs in float64 and must match to TOL_X64 = 1e-12
-(observed ~1e-15); this pins details far below float32 noise (eps placement, scales, masks).
-"""
+"""spb2_jax.ops reference implementations against the float64 NumPy oracles in tests/oracles.py (error metric
+and bounds: ``tests/helpers.py``, "references vs oracles")."""
 
 from __future__ import annotations
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -27,87 +12,11 @@ import pytest
 
 from spb2_jax import ops
 from tests import oracles
+from tests.helpers import (TOL_ATTN, TOL_ELEMENTWISE, TOL_REC, TOL_ROPE, TOL_X64, assert_close, attn_inputs,
+                           gdn_inputs, gla_inputs, make_segment_ids, randn, rel_err, rng_for, shape_id,
+                           sse_inputs)
 
-TOL_ELEMENTWISE = 1e-6
-TOL_ATTN = 5e-6
-TOL_ROPE = 1e-5
-TOL_REC = 1e-5
-TOL_X64 = 1e-12
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """XLA compile time dominates this file (~70 small programs); skipping most XLA optimisation passes halves
-    the wall time and changes nothing the oracle comparisons look at. Restored afterwards (module scope)."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
-def rel_err(actual, expected) -> float:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert a.shape == e.shape, (a.shape, e.shape)
-    return float(np.max(np.abs(a - e), initial=0.0) / max(np.max(np.abs(e), initial=0.0), 1e-30))
-
-
-def assert_close(actual, expected, tol, what=""):
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{what}: max|err| / max|ref| = {err:.3e} > {tol:.1e}"
-
-
-def rng_for(*key) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def randn(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def make_segment_ids(B: int, T: int, layout: str) -> np.ndarray:
-    """``[B, T]`` int32 segment ids (0 = padding).
-
-    single: one segment per row. leftpad / rightpad: padding then one segment / one segment then padding
-    (row 1 of leftpad is fully real). varlen: even rows = left padding + 3 segments incl. a length-1 one;
-    odd rows = a length-1 segment first, 2 more segments, right padding (ids 5, 7, 9 are not consecutive).
-    """
-    seg = np.zeros((B, T), np.int32)
-    for b in range(B):
-        if layout == "single":
-            seg[b] = 1
-        elif layout == "leftpad":
-            pad = 0 if b % 2 else max(1, T // 5)
-            seg[b, pad:] = 1
-        elif layout == "rightpad":
-            pad = max(1, T // 6) if T > 1 else 0
-            seg[b, :T - pad] = 1
-        elif layout == "varlen":
-            if T < 6:
-                seg[b] = [1] * (T - 1) + [2] if b % 2 == 0 else [0] + [3] * (T - 1)
-                continue
-            if b % 2 == 0:
-                pad = max(1, T // 10)
-                a = (T - pad) * 2 // 5
-                lens, ids, start = [a, 1, T - pad - a - 1], [1, 2, 3], pad
-            else:
-                pad = max(1, T // 8)
-                rest = T - pad
-                lens, ids, start = [1, rest // 2, rest - 1 - rest // 2], [5, 7, 9], 0
-            for n, i in zip(lens, ids):
-                seg[b, start:start + n] = i
-                start += n
-        elif layout == "holes":  # ids reused: a padding hole or another id in between starts a new segment
-            third = max(1, T // 3)
-            if b % 2 == 0:
-                seg[b] = 1
-                seg[b, third:third + 2] = 0
-            else:
-                seg[b] = 2
-                seg[b, third:2 * third] = 3
-        else:
-            raise ValueError(layout)
-    return seg
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # ~70 small programs: compile time dominates
 
 
 def jcall(fn, *args, static=None, **kwargs):
@@ -118,13 +27,6 @@ def jcall(fn, *args, static=None, **kwargs):
 
 def to_jnp(*xs):
     return tuple(None if x is None else jnp.asarray(x) for x in xs)
-
-
-silu, softmax_np = oracles.silu, oracles.softmax
-
-
-def log_sigmoid(x):
-    return -np.logaddexp(0.0, -x)
 
 
 def x64():
@@ -157,7 +59,7 @@ def test_oracles_closed_forms():
 
 
 # ----------------------------------------------------------------------------------------------- norms, rope
-@pytest.mark.parametrize("shape", [(1, 1, 32), (2, 7, 3, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 1, 32), (2, 7, 3, 64)], ids=["B1-T1-D32", "B2-T7-N3-H64"])
 def test_norms(shape):
     rng = rng_for("norms", shape)
     x, gate = randn(rng, *shape, scale=3.0), randn(rng, *shape)
@@ -184,17 +86,18 @@ def test_l2_norm_eps_inside_sqrt_and_zero_vector():
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
-@pytest.mark.parametrize("B,T,N,D,layout", [(1, 1, 1, 32, "single"), (2, 75, 4, 64, "varlen"),
-                                            (2, 40, 2, 32, "leftpad"), (2, 45, 2, 32, "holes")],
-                         ids=["B1-T1-H1-D32-single", "B2-T75-H4-D64-varlen", "B2-T40-H2-D32-leftpad",
-                              "B2-T45-H2-D32-holes"])
-def test_segment_positions_and_rope(B, T, N, D, layout):
+ROPE_CASES = [(1, 1, 1, 32, "single"), (2, 75, 4, 64, "varlen"), (2, 40, 2, 32, "leftpad"), (2, 45, 2, 32, "holes")]
+
+
+@pytest.mark.parametrize("B,T,N,H,layout", ROPE_CASES,
+                         ids=[shape_id(layout, B=B, T=T, N=N, H=H) for B, T, N, H, layout in ROPE_CASES])
+def test_segment_positions_and_rope(B, T, N, H, layout):
     seg = make_segment_ids(B, T, layout)
     pos = np.asarray(jcall(ops.segment_positions, jnp.asarray(seg)))
     real = seg != 0
     np.testing.assert_array_equal(pos[real], oracles.segment_positions(seg)[real])
-    rng = rng_for("rope", B, T, N, D)
-    x = randn(rng, B, T, N, D)
+    rng = rng_for("rope", B, T, N, H)
+    x = randn(rng, B, T, N, H)
     assert_close(jcall(ops.apply_rope, jnp.asarray(x), jnp.asarray(pos), static=dict(theta=1e4)),
                  oracles.rope(x, pos, 1e4), TOL_ROPE)
     # explicit, larger positions (incl. decode-like offsets) and another theta
@@ -205,7 +108,7 @@ def test_segment_positions_and_rope(B, T, N, D, layout):
 
 # ----------------------------------------------------------------------------------------------- attention
 ATTN_CASES = [
-    # B, T, N, KV, D, window, layout, causal
+    # B, T, N, K, H, window, layout, causal
     (1, 1, 1, 1, 32, None, "single", True),
     (2, 1, 2, 1, 32, 4, "varlen", True),
     (2, 75, 4, 1, 32, None, "varlen", True),
@@ -219,15 +122,14 @@ ATTN_CASES = [
 
 
 def _attn_id(c):
-    B, T, N, KV, D, window, layout, causal = c
-    return f"B{B}-T{T}-H{N}-KV{KV}-D{D}-w{window}-{layout}" + ("" if causal else "-noncausal")
+    B, T, N, K, H, window, layout, causal = c
+    return shape_id(layout, "" if causal else "noncausal", B=B, T=T, N=N, K=K, H=H, W=window)
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_attn_id)
 def test_attention(case):
-    B, T, N, KV, D, window, layout, causal = case
-    rng = rng_for("attn", case)
-    q, k, v = randn(rng, B, T, N, D), randn(rng, B, T, KV, D), randn(rng, B, T, KV, D)
+    B, T, N, K, H, window, layout, causal = case
+    q, k, v = attn_inputs(rng_for("attn", case), B, T, N, K, H).values()
     seg = make_segment_ids(B, T, layout)
     out = jcall(ops.attention_reference, *to_jnp(q, k, v), segment_ids=jnp.asarray(seg),
                 static=dict(causal=causal, window=window))
@@ -237,35 +139,33 @@ def test_attention(case):
 
 
 def test_attention_custom_scale_and_no_segments():
-    rng = rng_for("attn-scale")
-    q, k, v = randn(rng, 2, 20, 4, 32), randn(rng, 2, 20, 2, 32), randn(rng, 2, 20, 2, 32)
+    q, k, v = attn_inputs(rng_for("attn-scale"), 2, 20, 4, 2, 32).values()
     out = jcall(ops.attention_reference, *to_jnp(q, k, v), static=dict(scale=0.3, window=5))
     assert_close(out, oracles.attention(q, k, v, None, causal=True, window=5, scale=0.3), TOL_ATTN)
 
 
 # ----------------------------------------------------------------------------------------------- MoBA
 MOBA_CASES = [
-    # B, T, N, KV, D, chunk, topk, layout
+    # B, T, N, K, H, chunk, topk, layout
     (1, 1, 2, 1, 32, 16, 2, "single"),
     (2, 75, 4, 1, 32, 16, 3, "varlen"),
     (2, 75, 4, 2, 64, 16, 2, "varlen"),
     (1, 100, 4, 4, 32, 8, 4, "single"),
-    (2, 90, 4, 2, 64, 16, 1, "leftpad"),  # topk 1 with KV > 1 crashed before the moba_selection fix
+    (2, 90, 4, 2, 64, 16, 1, "leftpad"),  # topk 1 with K > 1 crashed before the moba_selection fix
     (2, 50, 4, 2, 32, 7, 3, "rightpad"),
     (2, 45, 4, 2, 32, 6, 3, "holes"),
 ]
 
 
 def _moba_id(c):
-    B, T, N, KV, D, C, topk, layout = c
-    return f"B{B}-T{T}-H{N}-KV{KV}-D{D}-C{C}-top{topk}-{layout}"
+    B, T, N, K, H, C, topk, layout = c
+    return shape_id(layout, B=B, T=T, N=N, K=K, H=H, C=C, top=topk)
 
 
 @pytest.mark.parametrize("case", MOBA_CASES, ids=_moba_id)
 def test_moba(case):
-    B, T, N, KV, D, C, topk, layout = case
-    rng = rng_for("moba", case)
-    q, k, v = randn(rng, B, T, N, D), randn(rng, B, T, KV, D), randn(rng, B, T, KV, D)
+    B, T, N, K, H, C, topk, layout = case
+    q, k, v = attn_inputs(rng_for("moba", case), B, T, N, K, H).values()
     seg = make_segment_ids(B, T, layout)
     # block selection: exact equality (gate gaps are >> float32 error for these seeds)
     sel = np.asarray(jcall(ops.moba_selection, *to_jnp(q, k), segment_ids=jnp.asarray(seg),
@@ -283,12 +183,11 @@ def test_moba(case):
     assert np.all(np.asarray(out)[seg == 0] == 0)
 
 
-@pytest.mark.parametrize("topk", [5, 9], ids=lambda k: f"top{k}")
 @pytest.mark.parametrize("layout", ["single", "varlen"])
+@pytest.mark.parametrize("topk", [5, 9], ids=lambda k: f"B2-T75-N4-K2-H32-C16-top{k}")
 def test_moba_topk_ge_blocks_is_dense_causal(topk, layout):
-    B, T, N, KV, D, C = 2, 75, 4, 2, 32, 16  # 5 blocks
-    rng = rng_for("moba-dense", topk, layout)
-    q, k, v = randn(rng, B, T, N, D), randn(rng, B, T, KV, D), randn(rng, B, T, KV, D)
+    B, T, N, K, H, C = 2, 75, 4, 2, 32, 16  # 5 blocks
+    q, k, v = attn_inputs(rng_for("moba-dense", topk, layout), B, T, N, K, H).values()
     seg = jnp.asarray(make_segment_ids(B, T, layout))
     out = jcall(ops.moba_attention_reference, *to_jnp(q, k, v), segment_ids=seg, static=dict(chunk_size=C, topk=topk))
     dense = jcall(ops.attention_reference, *to_jnp(q, k, v), segment_ids=seg)
@@ -298,16 +197,8 @@ def test_moba_topk_ge_blocks_is_dense_causal(topk, layout):
 
 
 # ----------------------------------------------------------------------------------------------- recurrences
-def gdn_inputs(rng, B, T, H, K, V, g_scale, init):
-    q, k, v = randn(rng, B, T, H, K), randn(rng, B, T, H, K), randn(rng, B, T, H, V)
-    g = (-g_scale * np.log1p(np.exp(rng.standard_normal((B, T, H))))).astype(np.float32)  # -softplus, <= 0
-    beta = (2 / (1 + np.exp(-2 * rng.standard_normal((B, T, H))))).astype(np.float32)  # (0, 2): neg. eigvals
-    s0 = randn(rng, B, H, K, V, scale=0.5) if init else None
-    return q, k, v, g, beta, s0
-
-
 GDN_CASES = [
-    # B, T, H, K, V, layout, g_scale, init
+    # B, T, N, H, E, layout, g_scale, init
     (1, 1, 2, 32, 32, "single", 1.0, False),
     (2, 75, 4, 32, 32, "varlen", 1.0, True),
     (2, 100, 2, 64, 64, "single", 0.1, True),
@@ -319,15 +210,15 @@ GDN_CASES = [
 
 
 def _rec_id(c):
-    B, T, H, K, V, layout, g_scale, init = c
-    return f"B{B}-T{T}-H{H}-K{K}-V{V}-{layout}-g{g_scale}" + ("-s0" if init else "")
+    B, T, N, H, E, layout, g_scale, init = c
+    return shape_id(layout, f"g{g_scale}", "s0" if init else "", B=B, T=T, N=N, H=H, E=E)
 
 
 @pytest.mark.parametrize("case", GDN_CASES, ids=_rec_id)
 def test_gated_delta_rule(case):
-    B, T, H, K, V, layout, g_scale, init = case
+    B, T, N, H, E, layout, g_scale, init = case
     rng = rng_for("gdn", case)
-    q, k, v, g, beta, s0 = gdn_inputs(rng, B, T, H, K, V, g_scale, init)
+    q, k, v, g, beta, s0 = gdn_inputs(rng, B, T, N, H, E, g_scale, init)
     seg = make_segment_ids(B, T, layout)
     o, S = jcall(ops.gated_delta_rule_reference, *to_jnp(q, k, v, g, beta),
                  initial_state=None if s0 is None else jnp.asarray(s0), segment_ids=jnp.asarray(seg))
@@ -339,9 +230,9 @@ def test_gated_delta_rule(case):
 
 
 def test_gated_delta_rule_without_l2norm_custom_scale():
-    B, T, H, K, V = 2, 50, 2, 32, 32
+    B, T, N, H, E = 2, 50, 2, 32, 32
     rng = rng_for("gdn-nonorm")
-    q, k, v, g, beta, s0 = gdn_inputs(rng, B, T, H, K, V, 1.0, True)
+    q, k, v, g, beta, s0 = gdn_inputs(rng, B, T, N, H, E, 1.0, True)
     k = k / np.linalg.norm(k, axis=-1, keepdims=True) * 0.9  # |k| < 1 keeps (I - beta k k^T) contractive
     seg = make_segment_ids(B, T, "varlen")
     o, S = jcall(ops.gated_delta_rule_reference, *to_jnp(q, k, v, g, beta), initial_state=jnp.asarray(s0),
@@ -352,37 +243,26 @@ def test_gated_delta_rule_without_l2norm_custom_scale():
     assert_close(S, S_ref, TOL_REC, "state")
 
 
-def gla_inputs(rng, B, T, H, K, V, strong, init):
-    q = silu(randn(rng, B, T, H, K)).astype(np.float32)
-    k = softmax_np(randn(rng, B, T, H, K)).astype(np.float32)
-    v = randn(rng, B, T, H, V)
-    x = rng.standard_normal((B, T, H, K))
-    gk = (log_sigmoid(x - 2.0) if strong else log_sigmoid(x) / 16).astype(np.float32)  # strong: mean ~ -2.3
-    s0 = randn(rng, B, H, K, V, scale=0.5) if init else None
-    return q, k, v, gk, s0
-
-
 GLA_CASES = [
-    # B, T, H, K, V, layout, strong, init
-    (1, 1, 2, 32, 32, "single", False, False),
-    (2, 75, 4, 32, 32, "varlen", False, True),
-    (2, 100, 2, 64, 64, "single", True, True),
-    (2, 37, 2, 32, 64, "leftpad", True, False),
-    (2, 64, 1, 64, 32, "rightpad", False, True),
-    (2, 45, 2, 32, 32, "holes", False, True),
+    # B, T, N, H, E, layout, decay, init
+    (1, 1, 2, 32, 32, "single", "weak", False),
+    (2, 75, 4, 32, 32, "varlen", "weak", True),
+    (2, 100, 2, 64, 64, "single", "strong", True),
+    (2, 37, 2, 32, 64, "leftpad", "strong", False),
+    (2, 64, 1, 64, 32, "rightpad", "weak", True),
+    (2, 45, 2, 32, 32, "holes", "weak", True),
 ]
 
 
 def _gla_id(c):
-    B, T, H, K, V, layout, strong, init = c
-    return f"B{B}-T{T}-H{H}-K{K}-V{V}-{layout}" + ("-strong" if strong else "") + ("-s0" if init else "")
+    B, T, N, H, E, layout, decay, init = c
+    return shape_id(layout, decay, "s0" if init else "", B=B, T=T, N=N, H=H, E=E)
 
 
 @pytest.mark.parametrize("case", GLA_CASES, ids=_gla_id)
 def test_gla(case):
-    B, T, H, K, V, layout, strong, init = case
-    rng = rng_for("gla", case)
-    q, k, v, gk, s0 = gla_inputs(rng, B, T, H, K, V, strong, init)
+    B, T, N, H, E, layout, decay, init = case
+    q, k, v, gk, s0 = gla_inputs(rng_for("gla", case), B, T, N, H, E, decay, init)
     seg = make_segment_ids(B, T, layout)
     o, S = jcall(ops.gla_reference, *to_jnp(q, k, v, gk), initial_state=None if s0 is None else jnp.asarray(s0),
                  segment_ids=jnp.asarray(seg))
@@ -411,25 +291,6 @@ def test_topk_mask_and_route():
                                rtol=TOL_ATTN)
 
 
-def sse_inputs(rng, kind, B, T, H, K, N, nw, nr, init, strong=False):
-    """q1, k1, q2, k2, v, gate, beta, p, write, read, s0 as the model feeds them (feature maps applied)."""
-    act = lambda x: silu(x).astype(np.float32)  # noqa: E731
-    q1, q2 = act(randn(rng, B, T, H, K)), act(randn(rng, B, T, H, K))
-    if kind == "gla":
-        k1, k2 = softmax_np(randn(rng, B, T, H, K)), softmax_np(randn(rng, B, T, H, K))
-        x = rng.standard_normal((B, T, 2, H, K))
-        gate = (log_sigmoid(x - 2.0) if strong else log_sigmoid(x) / 16).astype(np.float32)
-        beta = None
-    else:
-        k1, k2 = act(randn(rng, B, T, H, K)), act(randn(rng, B, T, H, K))
-        gate = (-np.log1p(np.exp(rng.standard_normal((B, T, 2, H))))).astype(np.float32)
-        beta = (2 / (1 + np.exp(-2 * rng.standard_normal((B, T, 2, H))))).astype(np.float32)
-    v = act(randn(rng, B, T, H, K))
-    p, write, read = (np.asarray(a) for a in ops.sse_route(jnp.asarray(randn(rng, B, T, N, scale=2.0)), nw, nr))
-    s0 = randn(rng, B, 1 + N, H, K, K, scale=0.5) if init else None
-    return (q1, k1.astype(np.float32), q2, k2.astype(np.float32), v, gate, beta, p, write, read, s0)
-
-
 def run_sse_op(kind, form, xs, seg):
     q1, k1, q2, k2, v, gate, beta, p, write, read, s0 = xs
     kw = dict(static=dict(form=form), segment_ids=jnp.asarray(seg),
@@ -449,7 +310,7 @@ def run_sse_oracle(kind, form, xs, seg, **extra):
 
 
 SSE_CASES = [
-    # B, T, H, K, N, nw, nr, layout, init
+    # B, T, N, H, P, nw, nr, layout, init
     (1, 1, 1, 32, 4, 2, 2, "single", False),
     (2, 75, 2, 32, 4, 2, 2, "varlen", True),
     (2, 50, 2, 32, 4, 1, 1, "leftpad", True),
@@ -462,29 +323,29 @@ SSE_MASK_ONLY_CASES = [  # readers != writers: the mask form only (varlen requir
 
 
 def _sse_id(c):
-    B, T, H, K, N, nw, nr, layout, init = c
-    return f"B{B}-T{T}-H{H}-D{K}-N{N}-w{nw}r{nr}-{layout}" + ("-s0" if init else "")
+    B, T, N, H, P, nw, nr, layout, init = c
+    return shape_id(f"w{nw}r{nr}", layout, "s0" if init else "", B=B, T=T, N=N, H=H, P=P)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "gla"])
 @pytest.mark.parametrize("case", SSE_CASES, ids=_sse_id)
+@pytest.mark.parametrize("kind", ["gdn", "gla"])
 def test_sse_varlen(kind, case):
-    B, T, H, K, N, nw, nr, layout, init = case
-    xs = sse_inputs(rng_for("sse", kind, case), kind, B, T, H, K, N, nw, nr, init, strong=layout == "leftpad")
+    B, T, N, H, P, nw, nr, layout, init = case
+    xs = sse_inputs(rng_for("sse", kind, case), kind, B, T, N, H, P, nw, nr, init, strong=layout == "leftpad")
     seg = make_segment_ids(B, T, layout)
     o, S = run_sse_op(kind, "varlen", xs, seg)
     o_ref, S_ref = run_sse_oracle(kind, "varlen", xs, seg)
-    assert S.shape == (B, 1 + N, H, K, K)
+    assert S.shape == (B, 1 + P, N, H, H)
     assert_close(o, o_ref, TOL_REC, "o")
     assert_close(S, S_ref, TOL_REC, "states")
     assert np.all(np.asarray(o)[seg == 0] == 0)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "gla"])
 @pytest.mark.parametrize("case", SSE_CASES + SSE_MASK_ONLY_CASES, ids=_sse_id)
+@pytest.mark.parametrize("kind", ["gdn", "gla"])
 def test_sse_mask(kind, case):
-    B, T, H, K, N, nw, nr, layout, init = case
-    xs = sse_inputs(rng_for("sse", kind, case), kind, B, T, H, K, N, nw, nr, init)
+    B, T, N, H, P, nw, nr, layout, init = case
+    xs = sse_inputs(rng_for("sse", kind, case), kind, B, T, N, H, P, nw, nr, init)
     seg = make_segment_ids(B, T, layout)
     o, S = run_sse_op(kind, "mask", xs, seg)
     o_ref, S_ref = run_sse_oracle(kind, "mask", xs, seg)
@@ -494,8 +355,8 @@ def test_sse_mask(kind, case):
 
 @pytest.mark.parametrize("kind", ["gdn", "gla"])
 def test_sse_forms_agree_when_readers_equal_writers(kind):
-    B, T, H, K, N, nw = 2, 60, 2, 32, 4, 2
-    xs = sse_inputs(rng_for("sse-forms", kind), kind, B, T, H, K, N, nw, nw, True)
+    B, T, N, H, P, nw = 2, 60, 2, 32, 4, 2
+    xs = sse_inputs(rng_for("sse-forms", kind), kind, B, T, N, H, P, nw, nw, True)
     seg = make_segment_ids(B, T, "varlen")
     # the two official algorithms are the same function when readers == writers (float64, both oracles)
     o_v, S_v = run_sse_oracle(kind, "varlen", xs, seg)
@@ -515,8 +376,8 @@ def test_sse_gdn_mask_form_gates_with_read_mask():
     With readers != writers a partition a token reads but does not write still decays (g * read) and runs a
     delta step with k = v = 0 (a no-op), and a partition it writes but does not read gets beta = 0 (its write
     is dropped). The op must reproduce that, and it must differ from the write-gated variant."""
-    B, T, H, K, N = 2, 40, 2, 32, 4
-    xs = sse_inputs(rng_for("sse-quirk"), "gdn", B, T, H, K, N, 1, 2, True)
+    B, T, N, H, P = 2, 40, 2, 32, 4
+    xs = sse_inputs(rng_for("sse-quirk"), "gdn", B, T, N, H, P, 1, 2, True)
     seg = make_segment_ids(B, T, "varlen")
     o, S = run_sse_op("gdn", "mask", xs, seg)
     o_read, S_read = run_sse_oracle("gdn", "mask", xs, seg, gdn_gate_mask="read")
@@ -525,7 +386,7 @@ def test_sse_gdn_mask_form_gates_with_read_mask():
     assert_close(S, S_read, TOL_REC)
     assert rel_err(o_write, o_read) > 1e-2  # the quirk is visible, not a rounding-level effect
     # with readers == writers the masks coincide and the quirk disappears
-    xs_eq = sse_inputs(rng_for("sse-quirk-eq"), "gdn", B, T, H, K, N, 2, 2, True)
+    xs_eq = sse_inputs(rng_for("sse-quirk-eq"), "gdn", B, T, N, H, P, 2, 2, True)
     a, _ = run_sse_oracle("gdn", "mask", xs_eq, seg, gdn_gate_mask="read")
     b, _ = run_sse_oracle("gdn", "mask", xs_eq, seg, gdn_gate_mask="write")
     assert_close(a, b, 1e-14)
@@ -537,9 +398,9 @@ def _finite_tree(tree):
 
 
 def test_grads_finite_recurrences():
-    B, T, H, K, V = 2, 30, 2, 16, 16
+    B, T, N, H, E = 2, 30, 2, 16, 16
     seg = jnp.asarray(make_segment_ids(B, T, "varlen"))
-    q, k, v, g, beta, s0 = to_jnp(*gdn_inputs(rng_for("grad-gdn"), B, T, H, K, V, 8.0, True))
+    q, k, v, g, beta, s0 = to_jnp(*gdn_inputs(rng_for("grad-gdn"), B, T, N, H, E, 8.0, True))
 
     def loss_gdn(q, k, v, g, beta, s0):
         o, S = ops.gated_delta_rule_reference(q, k, v, g, beta, initial_state=s0, segment_ids=seg)
@@ -549,7 +410,7 @@ def test_grads_finite_recurrences():
     assert _finite_tree(grads)
     assert float(jnp.abs(grads[3]).sum()) > 0  # the gates do receive gradient
 
-    q, k, v, gk, s0 = to_jnp(*gla_inputs(rng_for("grad-gla"), B, T, H, K, V, True, True))
+    q, k, v, gk, s0 = to_jnp(*gla_inputs(rng_for("grad-gla"), B, T, N, H, E, "strong", True))
 
     def loss_gla(q, k, v, gk, s0):
         o, S = ops.gla_reference(q, k, v, gk, initial_state=s0, segment_ids=seg)
@@ -565,8 +426,8 @@ def test_grads_finite_recurrences():
     pytest.param("gla", "mask", marks=pytest.mark.slow),
 ])
 def test_grads_finite_sse(kind, form):
-    B, T, H, K, N = 2, 24, 1, 16, 4
-    xs = sse_inputs(rng_for("grad-sse", kind), kind, B, T, H, K, N, 2, 2, True)
+    B, T, N, H, P = 2, 24, 1, 16, 4
+    xs = sse_inputs(rng_for("grad-sse", kind), kind, B, T, N, H, P, 2, 2, True)
     seg = make_segment_ids(B, T, "varlen")
     float_idx = [i for i, x in enumerate(xs) if x is not None and x.dtype == np.float32]
 
@@ -582,9 +443,8 @@ def test_grads_finite_sse(kind, form):
 
 
 def test_grads_finite_attention_with_padding():
-    B, T, N, KV, D = 2, 30, 4, 2, 32
-    rng = rng_for("grad-attn")
-    q, k, v = to_jnp(randn(rng, B, T, N, D), randn(rng, B, T, KV, D), randn(rng, B, T, KV, D))
+    B, T, N, K, H = 2, 30, 4, 2, 32
+    q, k, v = to_jnp(*attn_inputs(rng_for("grad-attn"), B, T, N, K, H).values())
     seg = jnp.asarray(make_segment_ids(B, T, "varlen"))
     f_attn = lambda q, k, v: jnp.sum(ops.attention_reference(q, k, v, segment_ids=seg, window=8) ** 2)  # noqa
     f_moba = lambda q, k, v: jnp.sum(  # noqa: E731
@@ -595,12 +455,12 @@ def test_grads_finite_attention_with_padding():
 
 def test_gated_delta_rule_grad_matches_finite_difference_x64():
     """jax.grad of the float64 op against central differences of the same op, along random directions."""
-    B, T, H, K, V = 1, 9, 2, 8, 8
+    B, T, N, H, E = 1, 9, 2, 8, 8
     seg = make_segment_ids(B, T, "varlen")
     with x64():
         rng = rng_for("fd-gdn")
-        args = [np.asarray(a, np.float64) for a in gdn_inputs(rng, B, T, H, K, V, 1.0, True)]
-        wo, ws = rng.standard_normal((B, T, H, V)), rng.standard_normal((B, H, K, V))
+        args = [np.asarray(a, np.float64) for a in gdn_inputs(rng, B, T, N, H, E, 1.0, True)]
+        wo, ws = rng.standard_normal((B, T, N, E)), rng.standard_normal((B, N, H, E))
 
         def loss(q, k, v, g, beta, s0):
             o, S = ops.gated_delta_rule_reference(q, k, v, g, beta, initial_state=s0, segment_ids=jnp.asarray(seg))
@@ -656,7 +516,7 @@ def test_ops_match_oracles_in_float64():
         assert_close(o, o_ref, TOL_X64)
         assert_close(S, S_ref, TOL_X64)
 
-        q, k, v, gk, s0 = gla_inputs(rng, B, T, 2, 16, 16, True, True)
+        q, k, v, gk, s0 = gla_inputs(rng, B, T, 2, 16, 16, "strong", True)
         o, S = jcall(ops.gla_reference, *j(q, k, v, gk), initial_state=j(s0)[0], segment_ids=jnp.asarray(seg))
         o_ref, S_ref = oracles.gla(q, k, v, gk, initial_state=s0, segment_ids=seg)
         assert_close(o, o_ref, TOL_X64)

@@ -41,7 +41,7 @@ def _with_grad(attend):
 
 
 @pytest.mark.parametrize("algorithm", ["gathered", "union"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_moba_kernel_lowers_to_triton(dtype, algorithm):
     seg = jnp.ones((B, T), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -93,7 +93,7 @@ def _tpu_qkv(dtype):
             jax.random.normal(ks[2], (B, TPU_T, K, D), dtype))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_moba_kernel_lowers_to_mosaic_tpu(dtype):
     seg = jnp.ones((B, TPU_T), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(TPU_T, dtype=jnp.int32), (B, TPU_T))

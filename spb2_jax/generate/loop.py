@@ -105,8 +105,8 @@ def _stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
 def _generate(params, ids, valid, rng, temperature, top_p, stops, pad_token_id, max_new_tokens, *,
               config: SpB2Config, capacity: int, top_k: int | None, options: ModelOptions, stream: bool):
     """Prefill + sampling loop; ``capacity`` (static) >= the traced ``max_new_tokens`` sizes the output buffer."""
-    B, L = ids.shape
-    cache = init_cache(config, B, L + capacity, options.dtype)
+    B, T = ids.shape
+    cache = init_cache(config, B, T + capacity, options.dtype)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, cache = extend(params, ids, valid, cache, config=config, fresh=True, all_logits=False, options=options)
     rng, key = jax.random.split(rng)

@@ -2,6 +2,8 @@
 
 With a ``KVCache`` the mixer adds tokens to it (prefill piece or decode step) and attends over the cache: same
 per-token semantics as the forward (``spb2_jax.ops.cached_attention``).
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N query heads, K kv heads, H head dim, S cache slots).
 """
 
 from __future__ import annotations

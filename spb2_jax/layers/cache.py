@@ -1,9 +1,10 @@
 """Decoding caches: static-shape pytrees, one per layer, and the description of the tokens being added.
 
 - ``KVCache`` (full and MoBA layers): post-RoPE keys and values indexed by position, ``[B, K, S, H]`` with
-  ``S = max_len`` (kv-head major: a MoBA decode step gathers contiguous ``[C, H]`` runs of one head's keys); MoBA layers also keep float32 per-block key sums ``[B, ceil(S / C), K, H]`` (the block means
-  of the gates are ``sum / C`` for the complete earlier blocks).
-- ``SSECache`` (SSE + SWA layers): float32 recurrent states ``[B, 1 + N, H, K, V]`` (shared + one per
+  ``S = max_len`` (kv-head major: a MoBA decode step gathers contiguous ``[C, H]`` runs of one head's keys);
+  MoBA layers also keep float32 per-block key sums ``[B, ceil(S / C), K, H]`` (the block means of the gates
+  are ``sum / C`` for the complete earlier blocks).
+- ``SSECache`` (SSE + SWA layers): float32 recurrent states ``[B, 1 + P, N, H, E]`` (shared + one per
   partition) and a ring buffer of the last ``window_size`` SWA keys/values with their positions (-1 = empty).
 - ``Cache``: the per-layer caches and ``length [B]``, the number of real tokens each row has seen (= the position
   of its next token).
@@ -13,6 +14,8 @@
 ``fresh`` (the cache is empty, so attention runs with the forward's blockwise ops and the cache is only written),
 ``moba_dense`` (official decode: MoBA layers attend densely) and ``rope_offset`` (official quirk: layers >= 1
 rotate the new tokens at ``position + rope_offset``).
+
+Shape letters: see ``spb2_jax.parallel.rules`` (the ring buffer's length is ``W``, the SWA window).
 """
 
 from __future__ import annotations
@@ -120,18 +123,18 @@ def init_cache(config: SpB2Config, batch_size: int, max_len: int, dtype: Any = j
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1, got {batch_size=} {max_len=}")
     a = config.attn
-    B, Dh, Kh = batch_size, config.head_dim, a.kv_heads
+    B, N, K, H, P = batch_size, config.num_heads, a.kv_heads, config.head_dim, config.num_sparse_partition
     layers = []
     for kind in config.layer_kinds:
         if kind in (LayerKind.FULL, LayerKind.MOBA):
-            shape = (B, Kh, max_len, Dh)  # k and v must be distinct buffers (both may be donated)
+            shape = (B, K, max_len, H)  # k and v must be distinct buffers (both may be donated)
             sums = None
             if kind == LayerKind.MOBA:
-                sums = jnp.zeros((B, -(-max_len // a.moba_chunk_size), Kh, Dh), jnp.float32)
+                sums = jnp.zeros((B, -(-max_len // a.moba_chunk_size), K, H), jnp.float32)
             layers.append(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), block_sums=sums))
         else:
             W = window_size(config, max_len)
-            state = jnp.zeros((B, 1 + config.num_sparse_partition, config.num_heads, Dh, Dh), jnp.float32)
-            layers.append(SSECache(state=state, k=jnp.zeros((B, W, Kh, Dh), dtype), v=jnp.zeros((B, W, Kh, Dh), dtype),
+            state = jnp.zeros((B, 1 + P, N, H, H), jnp.float32)  # [B, 1 + P, N, H, E] with E = H
+            layers.append(SSECache(state=state, k=jnp.zeros((B, W, K, H), dtype), v=jnp.zeros((B, W, K, H), dtype),
                                    pos=jnp.full((B, W), -1, jnp.int32)))
     return Cache(layers=tuple(layers), length=jnp.zeros((B,), jnp.int32), max_len=max_len)

@@ -3,6 +3,8 @@
 ``out = (rms(sse, sse_merge_norm) + rms(swa, swa_merge_norm)) / 2``; in training (``deterministic=False``)
 with probability ``swa_dropout`` the layer returns ``rms(sse, sse_merge_norm)`` alone. With an ``SSECache`` the
 recurrences continue from the cached states and the SWA attends over the ring buffer plus the new tokens.
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N heads, K kv heads, H head dim, P SSE partitions).
 """
 
 from __future__ import annotations
@@ -74,19 +76,19 @@ class SSESWAMixer(nn.Module):
         if self.kind not in (LayerKind.SSE_GDN, LayerKind.SSE_GLA):
             raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
         is_gla = self.kind == LayerKind.SSE_GLA
-        H, Dh, N = c.num_heads, c.head_dim, c.num_sparse_partition
+        N, H, P = c.num_heads, c.head_dim, c.num_sparse_partition
         f32 = acc_dtype(x)
-        heads = lambda t: rearrange(t, "B T (N H) -> B T N H", H=Dh)  # noqa: E731
+        heads = lambda t: rearrange(t, "B T (N H) -> B T N H", H=H)  # noqa: E731
 
         # ---- SSE projections ----
         qkv_bias = c.attn.qkv_bias if is_gla else False
         qh = (rules.EMBED, rules.Q_HEADS)
-        q1 = self._dense(H * Dh, "sse_q_proj", qh, qkv_bias)(x)  # [B, T, N*H]
-        k1 = self._dense(H * Dh, "sse_k_proj", qh, qkv_bias)(x)
-        q2 = q1 + self._low_rank(x, "lora_q_proj", Dh, H * Dh, rules.Q_HEADS)
-        k2 = k1 + self._low_rank(x, "lora_k_proj", Dh, H * Dh, rules.Q_HEADS)
-        v = self._dense(H * Dh, "sse_v_proj", qh, qkv_bias)(x)
-        q1, q2, k1, k2, v = map(heads, (q1, q2, k1, k2, v))  # [B, T, H, Dh]
+        q1 = self._dense(N * H, "sse_q_proj", qh, qkv_bias)(x)  # [B, T, N*H]
+        k1 = self._dense(N * H, "sse_k_proj", qh, qkv_bias)(x)
+        q2 = q1 + self._low_rank(x, "lora_q_proj", H, N * H, rules.Q_HEADS)
+        k2 = k1 + self._low_rank(x, "lora_k_proj", H, N * H, rules.Q_HEADS)
+        v = self._dense(N * H, "sse_v_proj", qh, qkv_bias)(x)
+        q1, q2, k1, k2, v = map(heads, (q1, q2, k1, k2, v))  # [B, T, N, H]
         qk_act = nn.relu if c.sse_qk_relu else nn.silu
         q1, q2 = qk_act(q1), qk_act(q2)
         if is_gla:
@@ -96,8 +98,8 @@ class SSESWAMixer(nn.Module):
             k1, k2 = qk_act(k1), qk_act(k2)
         v = nn.silu(v)
         q1, q2, k1, k2, v = (rules.constrain(t, rules.HEADS) for t in (q1, q2, k1, k2, v))
-        router = self._dense(N, "sse_e_proj", (rules.EMBED, rules.PARTITIONS))(x)
-        p, write, read = sse_route(router, c.num_writer, c.num_reader)  # [B, T, N]
+        router = self._dense(P, "sse_e_proj", (rules.EMBED, rules.PARTITIONS))(x)
+        p, write, read = sse_route(router, c.num_writer, c.num_reader)  # [B, T, P]
         form = c.sse_implementation
         rec = dict(form=form, segment_ids=segments, kernels=self.options.kernels,
                    initial_state=None if cache is None else cache.state)
@@ -105,26 +107,26 @@ class SSESWAMixer(nn.Module):
             rec["kernels"] = _ONE_STEP
 
         if is_gla:
-            gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, H * Dh, rules.Q_HEADS,
+            gk = jnp.stack([heads(self._low_rank(x, f"sse_gk_proj_{i}", GLA_GATE_RANK, N * H, rules.Q_HEADS,
                                                  out_bias=True))
-                            for i in range(2)], axis=2)  # [B, T, 2, H, Dh]
+                            for i in range(2)], axis=2)  # [B, T, 2, N, H]
             gk = jax.nn.log_sigmoid(gk.astype(f32)) / GLA_GATE_NORMALIZER
             sse_o, state = sse_gla(q1, k1, q2, k2, v, gk, p, write, read, **rec)
         else:
             gates = (rules.EMBED, rules.GATE_HEADS)
-            beta = jax.nn.sigmoid(self._dense(2 * H, "sse_b_proj", gates)(x).astype(f32))  # [B, T, 2H]
+            beta = jax.nn.sigmoid(self._dense(2 * N, "sse_b_proj", gates)(x).astype(f32))  # [B, T, 2N]
             if c.allow_neg_eigval:
                 beta = beta * 2.0
             pd = self.options.param_dtype
-            a_log = self.param("A_log", partitioned(_a_log_init, rules.GATE_HEADS), (2 * H,), pd)
-            dt_bias = self.param("dt_bias", partitioned(_dt_bias_init, rules.GATE_HEADS), (2 * H,), pd)
-            a = self._dense(2 * H, "sse_a_proj", gates)(x).astype(f32)
-            g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2H]
-            two = lambda t: rearrange(t, "B T (two H) -> B T two H", two=2)  # noqa: E731
+            a_log = self.param("A_log", partitioned(_a_log_init, rules.GATE_HEADS), (2 * N,), pd)
+            dt_bias = self.param("dt_bias", partitioned(_dt_bias_init, rules.GATE_HEADS), (2 * N,), pd)
+            a = self._dense(2 * N, "sse_a_proj", gates)(x).astype(f32)
+            g = -jnp.exp(a_log.astype(f32)) * jax.nn.softplus(a + dt_bias.astype(f32))  # [B, T, 2N]
+            two = lambda t: rearrange(t, "B T (two N) -> B T two N", two=2)  # noqa: E731
             sse_o, state = sse_gdn(q1, k1, q2, k2, v, two(g), two(beta), p, write, read, **rec)
 
         if c.use_output_gate:
-            gate = heads(self._low_rank(x, "sse_g_proj", Dh, H * Dh, rules.Q_HEADS))
+            gate = heads(self._low_rank(x, "sse_g_proj", H, N * H, rules.Q_HEADS))
             sse_o = self._norm("sse_o_norm", rules.HEAD_DIM)(sse_o, gate)
         else:
             sse_o = self._norm("sse_o_norm", rules.HEAD_DIM)(sse_o)
@@ -137,9 +139,9 @@ class SSESWAMixer(nn.Module):
         # ---- sliding-window attention ----
         a = c.attn
         kvh = (rules.EMBED, rules.KV_HEADS)
-        sq = rearrange(self._dense(H * Dh, "swa_q_proj", qh, a.qkv_bias)(x), "B T (N H) -> B T N H", H=Dh)
-        sk = rearrange(self._dense(a.kv_heads * Dh, "swa_k_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
-        sv = rearrange(self._dense(a.kv_heads * Dh, "swa_v_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=Dh)
+        sq = rearrange(self._dense(N * H, "swa_q_proj", qh, a.qkv_bias)(x), "B T (N H) -> B T N H", H=H)
+        sk = rearrange(self._dense(a.kv_heads * H, "swa_k_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=H)
+        sv = rearrange(self._dense(a.kv_heads * H, "swa_v_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=H)
         if a.qk_norm:
             sq, sk = self._norm("swa_q_norm", rules.HEAD_DIM)(sq), self._norm("swa_k_norm", rules.HEAD_DIM)(sk)
         sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)

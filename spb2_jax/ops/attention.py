@@ -1,6 +1,7 @@
 """Reference softmax attention (dense masks, O(T^2) memory) with GQA, causal / sliding-window / segment masks.
 
-Letters: B batch, T query time, S key time, N query heads, K kv heads, G = N // K group, H head dim.
+Shape letters (see ``spb2_jax.parallel.rules``): B batch, T query time, S key time, N query heads, K kv heads,
+G = N // K group, H head dim.
 """
 
 from __future__ import annotations

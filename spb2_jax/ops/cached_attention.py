@@ -6,7 +6,9 @@ A cache row holds the keys of one sequence's real tokens. Two layouts are used b
 - *ring* (sliding window): slot ``p % W`` holds the last key with that residue, and ``pos [B, W]`` records its
   position (-1 = empty).
 
-Letters: B batch, T new (query) tokens, S cache slots, N query heads, K kv heads, H head dim, C MoBA block.
+Shape letters (see ``spb2_jax.parallel.rules``): B batch, T new (query) tokens, S cache slots, N query heads,
+K kv heads, G = N // K group, H head dim, C MoBA block; lower-case ``t`` is the length of a query tile, ``n``
+the number of blocks / tiles.
 Query tiles bound the dense score block at ``[B, N, tile, S]``; nothing here is ``O(T^2)`` in the piece length
 for the position-indexed layout beyond ``T * S``.
 """

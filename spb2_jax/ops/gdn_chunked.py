@@ -16,7 +16,7 @@ then two matmuls per chunk, ``[W_k; Gamma Q] S0`` (giving ``U = W_v - W_k S0`` a
 the state update; ``O = (Gamma Q S0) + P U`` is again batched. All of it is float32 (``Precision.HIGHEST``).
 
 To bound memory, chunks are processed in *groups* of about ``_GROUP`` chunks: an outer ``jax.lax.scan`` over
-groups carries the float32 state ``[B, H, K, V]``; inside a group the state-independent work is batched and an
+groups carries the float32 state ``[B, N, H, E]``; inside a group the state-independent work is batched and an
 inner scan passes the state from chunk to chunk. Memory: the inputs/outputs (O(T)) plus O(group * C^2) work.
 
 Segments (``segment_ids``, 0 = padding): padding tokens are zeroed (k = q = beta = g = 0, exact no-ops);
@@ -26,6 +26,10 @@ that was open at the chunk start, so a boundary inside a chunk resets the state 
 Gradients: plain reverse-mode autodiff through the scans, with the group body under ``jax.checkpoint``: the
 backward pass stores only the state entering each group and rematerialises one group at a time, so memory
 stays linear in T (O(T / (group * C)) states plus one group's intermediates).
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N heads, H key head dim, E value head dim; ``m`` groups of ``n``
+chunks). The capital ``Q, K, V, U, W, A, P, G, S`` of the formulas above are matrices, decays and states, not
+shapes.
 """
 
 from __future__ import annotations
@@ -66,9 +70,9 @@ def chunk_gated_delta_rule(
     """Gated delta rule, chunked; same contract as ``gated_delta_rule_reference``.
 
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: log decays ``[B, T, H]`` (<= 0); beta: ``[B, T, H]``
+      q, k: ``[B, T, N, H]``; v: ``[B, T, N, E]``; g: log decays ``[B, T, N]`` (<= 0); beta: ``[B, T, N]``
         (in (0, 2) with negative eigenvalues).
-      scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``.
+      scale: default ``H ** -0.5``. initial_state: ``[B, N, H, E]``.
       segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``.
       chunk_size: C; T need not be a multiple. use_qk_l2norm: L2-normalise q and k (eps 1e-6 in the sqrt).
       impl: ``"xla"`` (grouped chunk scan below) or ``"pallas"`` (forward in the Pallas kernel
@@ -76,11 +80,11 @@ def chunk_gated_delta_rule(
       interpret, target: the Pallas kernel's mode and target (``spb2_jax.options.Kernels``; CPU needs
         ``interpret=True``).
     Returns:
-      ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` (float32 or wider).
+      ``o [B, T, N, E]`` in ``v.dtype`` and the final state ``[B, N, H, E]`` (float32 or wider).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if k.shape != (B, T, H, K) or v.shape[:3] != (B, T, H) or g.shape != (B, T, H) or beta.shape != (B, T, H):
+    B, T, N, H = q.shape
+    E = v.shape[-1]
+    if k.shape != (B, T, N, H) or v.shape[:3] != (B, T, N) or g.shape != (B, T, N) or beta.shape != (B, T, N):
         raise ValueError(f"shape mismatch: q{q.shape} k{k.shape} v{v.shape} g{g.shape} beta{beta.shape}")
     if chunk_size <= 0:
         raise ValueError(f"{chunk_size=} must be positive")
@@ -90,7 +94,7 @@ def chunk_gated_delta_rule(
     if impl == "pallas" and acc != jnp.float32:
         raise ValueError(f"impl='pallas': the gated-delta-rule kernel is float32-only, inputs accumulate in {acc}; "
                          "use impl='xla' (resolve_options does so for float64)")
-    scale = K ** -0.5 if scale is None else scale
+    scale = H ** -0.5 if scale is None else scale
     seg = as_segments(segment_ids, B, T)
     real = seg.real[..., None]  # [B, T, 1]
     out_dtype = v.dtype
@@ -101,7 +105,7 @@ def chunk_gated_delta_rule(
     k = jnp.where(real[..., None], k, 0.0)
     g = jnp.where(real, g, 0.0)
     beta = jnp.where(real, beta, 0.0)
-    S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
+    S0 = jnp.zeros((B, N, H, E), acc) if initial_state is None else initial_state.astype(acc)
     if impl == "pallas":
         o, S = _pallas_core(q, k, v, g, beta, S0, seg.labels, chunk_size, interpret, target)
     else:
@@ -110,7 +114,7 @@ def chunk_gated_delta_rule(
 
 
 def _xla_core(q, k, v, g, beta, S0, labels, chunk_size):
-    """Prepared inputs (normalised, scaled, padding zeroed) -> ``(o [B, T, H, V], S)``: grouped chunk scan."""
+    """Prepared inputs (normalised, scaled, padding zeroed) -> ``(o [B, T, N, E], S)``: grouped chunk scan."""
     xs = chunk_groups((q, k, v, g, beta), labels, chunk_size, _GROUP)
     S, o = jax.lax.scan(jax.checkpoint(_group_step, prevent_cse=False), S0, xs)
     return from_groups(o, q.shape[1]), S
@@ -150,29 +154,29 @@ def _mm(a, b):
 
 
 def _prepare(q, k, v, g, beta, runs, run_before):
-    """State-independent per-chunk terms, batched over chunks ``N`` (all float32).
+    """State-independent per-chunk terms, batched over the ``n`` chunks of a group (all float32).
 
-    Inputs: q, k ``[N, B, H, C, K]``; v ``[N, B, H, C, V]``; g, beta ``[N, B, H, C]``; runs ``[N, B, C]``;
-    run_before ``[N, B]``. Returns ``w_v [N,B,H,C,V]``, ``wq = [W_k; Gamma Q] [N,B,H,2C,K]``,
-    ``tail_kT [N,B,H,K,C]``, ``keep [N,B,H]`` and ``P [N,B,H,C,C]``.
+    Inputs: q, k ``[n, B, N, C, H]``; v ``[n, B, N, C, E]``; g, beta ``[n, B, N, C]``; runs ``[n, B, C]``;
+    run_before ``[n, B]``. Returns ``w_v [n,B,N,C,E]``, ``wq = [W_k; Gamma Q] [n,B,N,2C,H]``,
+    ``tail_kT [n,B,N,H,C]``, ``keep [n,B,N]`` and ``P [n,B,N,C,C]``.
     """
     C = q.shape[-2]
-    G = jnp.cumsum(g, axis=-1)  # [N, B, H, C]
-    same = (runs[..., :, None] == runs[..., None, :])[:, :, None]  # [N, B, 1, C, C]
+    G = jnp.cumsum(g, axis=-1)  # [n, B, N, C]
+    same = (runs[..., :, None] == runs[..., None, :])[:, :, None]  # [n, B, 1, C, C]
     incl = jnp.tril(jnp.ones((C, C), bool)) & same
     diff = G[..., :, None] - G[..., None, :]  # (t, s)
     decay = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)  # exponents <= 0 where kept
-    carried = (runs == run_before[..., None])[:, :, None]  # [N, B, 1, C]: still in the run that owns S0
-    gamma = jnp.where(carried, jnp.exp(G), 0.0)  # [N, B, H, C]
+    carried = (runs == run_before[..., None])[:, :, None]  # [n, B, 1, C]: still in the run that owns S0
+    gamma = jnp.where(carried, jnp.exp(G), 0.0)  # [n, B, N, C]
     strict = jnp.tril(jnp.ones((C, C), q.dtype), -1)
     A = (beta[..., :, None] * strict * decay) * _mm(k, jnp.swapaxes(k, -1, -2))
     inv = unit_lower_inverse(A)  # the inverse of I + diag(beta) A (unit diagonal implied)
-    # separate products: on XLA:CPU two [C, C] x [C, V] batched dots are ~3x faster than one [C, C] x [C, 2V]
+    # separate products: on XLA:CPU two [C, C] x [C, E] batched dots are ~3x faster than one [C, C] x [C, 2E]
     w_v = _mm(inv, beta[..., None] * v)
     w_k = _mm(inv, (beta * gamma)[..., None] * k)
     wq = jnp.concatenate([w_k, gamma[..., None] * q], axis=-2)
     P = decay * _mm(q, jnp.swapaxes(k, -1, -2))
-    last = (runs == runs[..., -1:])[:, :, None]  # [N, B, 1, C]: the run open at the chunk end
+    last = (runs == runs[..., -1:])[:, :, None]  # [n, B, 1, C]: the run open at the chunk end
     tail = jnp.where(last, jnp.exp(G[..., -1:] - G), 0.0)
     tail_kT = jnp.swapaxes(tail[..., None] * k, -1, -2)
     keep = jnp.where(carried[..., -1], jnp.exp(G[..., -1]), 0.0)
@@ -180,13 +184,13 @@ def _prepare(q, k, v, g, beta, runs, run_before):
 
 
 def _group_step(S, xs):
-    """One group of N chunks: ``S [B, H, K, V]`` -> (state after the group, outputs ``[N, B, H, C, V]``)."""
+    """One group of n chunks: ``S [B, N, H, E]`` -> (state after the group, outputs ``[n, B, N, C, E]``)."""
     w_v, wq, tail_kT, keep, P = _prepare(*xs)
     C = w_v.shape[-2]
 
     def chunk(S, x):
         w_v, wq, tail_kT, keep = x
-        r = _mm(wq, S)  # [B, H, 2C, V]: W_k S0 and Gamma Q S0
+        r = _mm(wq, S)  # [B, N, 2C, E]: W_k S0 and Gamma Q S0
         u = w_v - r[..., :C, :]
         return keep[..., None, None] * S + _mm(tail_kT, u), (u, r[..., C:, :])
 

@@ -80,7 +80,11 @@ def _chunk_step(S, xs):
     P = jnp.einsum("BHtK,BHsK,BHtsK->BHts", q, k, decay)
     carried = (runs == run_before[:, None])[:, None, :, None]  # [B, 1, C, 1]
     q_in = jnp.where(carried, q * jnp.exp(b), 0.0)
-    o = jnp.einsum("BHCK,BHKV->BHCV", q_in, S) + jnp.einsum("BHts,BHsV->BHtV", P, v)
+    # inter- and intra-chunk terms as ONE dot, [q_in | P] @ [S; v]: with two dots, a state that XLA knows to be
+    # zero (no initial_state and a single chunk, so the scan is inlined) is a broadcast fed straight to a dot
+    # next to P's reduction, which XLA:CPU's YNNPACK fusion miscompiles (tools/ynn_miscompile_repro.py)
+    o = jnp.einsum("BHCJ,BHJV->BHCV", jnp.concatenate([q_in, P], axis=-1),  # J = K + C
+                   jnp.concatenate([S, v], axis=-2))
     last = (runs == runs[:, -1:])[:, None, :, None]  # [B, 1, C, 1]
     k_out = jnp.where(last, k * jnp.exp(b[:, :, -1:] - b), 0.0)
     keep = jnp.where(carried[:, :, -1], jnp.exp(b[:, :, -1]), 0.0)  # [B, H, K]

@@ -4,6 +4,8 @@ Semantics (DESIGN.md): keys of each segment are split into blocks of ``chunk_siz
 segment start. For every query token and query head, ``gate_n = q . mean(k in block n)`` (float32); the query
 attends causally to its own block plus the ``topk - 1`` strictly earlier blocks with the largest gate (all of
 them when fewer exist). GQA: a query head gates with the block means of its kv head.
+
+Shape letters: see ``spb2_jax.parallel.rules``; lower-case ``n`` indexes the ``nblk`` blocks of a segment.
 """
 
 from __future__ import annotations

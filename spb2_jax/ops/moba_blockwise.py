@@ -13,6 +13,10 @@
 Every ``jax.checkpoint`` inside a loop here and in the chunked recurrences uses ``prevent_cse=False`` (the
 loop already prevents CSE): with the default optimisation barriers, gradients of models with several such
 layers deadlocked the XLA CPU runtime (jax 0.10.2).
+
+Shape letters: see ``spb2_jax.parallel.rules`` (C is the MoBA block here, ``bs`` the attention tile); in the
+patterns lower-case ``t, s`` are query / key positions inside a tile, ``n`` counts tiles or blocks, and
+``R = topk - 1`` is the number of picked earlier blocks.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT):
         ok = sel >= 0
         lo.append(jnp.where(ok, g_lo, -1).reshape(B, T, N * R))
         hi.append(jnp.where(ok, g_hi, -1).reshape(B, T, N * R))
-    lo = jnp.concatenate(lo, axis=-1)  # [B, T, M] key index ranges [lo, hi], -1 = none
+    lo = jnp.concatenate(lo, axis=-1)  # [B, T, 1 + N R] key index ranges [lo, hi], -1 = none
     hi = jnp.concatenate(hi, axis=-1)
     valid = (lo >= 0) & real[..., None]
     span = -(-C // bs) + 1

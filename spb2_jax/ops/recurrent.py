@@ -1,4 +1,6 @@
-"""Reference linear-attention recurrences: one ``jax.lax.scan`` step per token, float32 state ``[B, H, K, V]``.
+"""Reference linear-attention recurrences: one ``jax.lax.scan`` step per token, float32 state ``[B, N, H, E]``.
+
+Shape letters: see ``spb2_jax.parallel.rules`` (N heads, H key head dim, E value head dim).
 
 Both recurrences share the segment handling of ``spb2_jax.ops.segments`` (``segment_ids [B, T]``, 0 = padding):
 - a padding token leaves the state untouched and outputs zeros;
@@ -66,16 +68,16 @@ def gated_delta_rule_reference(
     ``S <- S * exp(g_t); S <- S + k_t (beta_t (v_t - S^T k_t))^T; o_t = S^T (scale * q_t)``.
 
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g (log decay, <= 0), beta: ``[B, T, H]``.
-      scale: default ``K ** -0.5``. initial_state: ``[B, H, K, V]``.
+      q, k: ``[B, T, N, H]``; v: ``[B, T, N, E]``; g (log decay, <= 0), beta: ``[B, T, N]``.
+      scale: default ``H ** -0.5``. initial_state: ``[B, N, H, E]``.
       segment_ids: ``[B, T]`` int (0 = padding) or a ``Segments`` (see module docstring).
-      use_qk_l2norm: L2-normalise q and k over K first (eps 1e-6 inside the sqrt).
+      use_qk_l2norm: L2-normalise q and k over H first (eps 1e-6 inside the sqrt).
     Returns:
-      ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` float32.
+      ``o [B, T, N, E]`` in ``v.dtype`` and the final state ``[B, N, H, E]`` float32.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
+    B, T, N, H = q.shape
+    E = v.shape[-1]
+    scale = H ** -0.5 if scale is None else scale
     f32 = acc_dtype(q, k, v, g, beta)
     if use_qk_l2norm:
         q, k = l2_norm(q.astype(f32)), l2_norm(k.astype(f32))
@@ -83,12 +85,12 @@ def gated_delta_rule_reference(
     def step(S, x):
         q_t, k_t, v_t, g_t, b_t = x
         S = S * jnp.exp(g_t)[..., None, None]
-        u = b_t[..., None] * (v_t - jnp.einsum("BHK,BHKV->BHV", k_t, S))
+        u = b_t[..., None] * (v_t - jnp.einsum("BNH,BNHE->BNE", k_t, S))
         S = S + k_t[..., :, None] * u[..., None, :]
-        return S, jnp.einsum("BHK,BHKV->BHV", q_t * scale, S)
+        return S, jnp.einsum("BNH,BNHE->BNE", q_t * scale, S)
 
     xs = tuple(x.astype(f32) for x in (q, k, v, g, beta))
-    o, S = _segment_scan(step, xs, (B, H, K, V), initial_state, segment_ids)
+    o, S = _segment_scan(step, xs, (B, N, H, E), initial_state, segment_ids)
     return o.astype(v.dtype), S
 
 
@@ -107,20 +109,20 @@ def gla_reference(
     ``S <- S * exp(gk_t)[:, None] + k_t v_t^T; o_t = S^T (scale * q_t)``.
 
     Args:
-      q, k, gk: ``[B, T, H, K]``; v: ``[B, T, H, V]``; scale: default ``K ** -0.5``.
-      initial_state: ``[B, H, K, V]``; segment_ids: ``[B, T]``, 0 = padding.
+      q, k, gk: ``[B, T, N, H]``; v: ``[B, T, N, E]``; scale: default ``H ** -0.5``.
+      initial_state: ``[B, N, H, E]``; segment_ids: ``[B, T]``, 0 = padding.
     Returns:
-      ``o [B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` float32.
+      ``o [B, T, N, E]`` in ``v.dtype`` and the final state ``[B, N, H, E]`` float32.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
+    B, T, N, H = q.shape
+    E = v.shape[-1]
+    scale = H ** -0.5 if scale is None else scale
 
     def step(S, x):
         q_t, k_t, v_t, gk_t = x
         S = S * jnp.exp(gk_t)[..., None] + k_t[..., :, None] * v_t[..., None, :]
-        return S, jnp.einsum("BHK,BHKV->BHV", q_t * scale, S)
+        return S, jnp.einsum("BNH,BNHE->BNE", q_t * scale, S)
 
     xs = tuple(x.astype(acc_dtype(q, k, v, gk)) for x in (q, k, v, gk))
-    o, S = _segment_scan(step, xs, (B, H, K, V), initial_state, segment_ids)
+    o, S = _segment_scan(step, xs, (B, N, H, E), initial_state, segment_ids)
     return o.astype(v.dtype), S

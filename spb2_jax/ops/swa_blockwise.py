@@ -4,6 +4,9 @@ Query tile i (``block_size`` tokens) sees keys ``[i * bs - (window - 1), (i + 1)
 and the ``ceil((window - 1) / bs)`` tiles before it. Keys are laid out as one band per query tile, so memory is
 ``O(T * (window + bs))`` instead of ``O(T^2)``; everything is vectorised (no loop), and reverse-mode autodiff
 keeps the same linear memory.
+
+Shape letters: see ``spb2_jax.parallel.rules`` (C is the tile ``bs`` in the patterns); lower-case ``n`` counts
+tiles (``nT``) and ``w`` the tiles of a band.
 """
 
 from __future__ import annotations

@@ -21,17 +21,39 @@ name            what                                                           m
 ``kv_heads``    key / value heads x head dim, flattened (K H)                  tensor
 ``head_dim``    per-head norm scales (q_norm, k_norm, sse_o_norm)              replicated
 ``low_rank``    the inner dim of low-rank projections (lora, gates, g_proj)    replicated
-``partitions``  SSE router outputs (N partitions)                              replicated
-``gate_heads``  per-head GDN gates / decays (2 H: shared + sparse branch)      replicated
+``partitions``  SSE router outputs (P partitions)                              replicated
+``gate_heads``  per-head GDN gates / decays (2 N: shared + sparse branch)      replicated
 ``norm``        RMSNorm scales over D                                          replicated
 ==============  =============================================================  ==========
 
 Activation axes: ``act_batch`` (data, fsdp), ``act_seq`` (sequence), ``act_embed`` (replicated),
 ``act_heads`` (tensor), ``act_kv_heads`` (tensor), ``act_head_dim`` (replicated).
 
-Shape letters used in docstrings and ``# [...]`` comments across the package (one vocabulary):
-B batch, T query time, S key time, D model width, V vocabulary, F MLP width, N query heads, K kv heads (or the
-key dim of a recurrence state), G = N // K GQA group, H head dim, C chunk / block size.
+Shape letters: the one vocabulary of docstrings, ``# [...]`` comments, einsum / rearrange patterns and shape
+variables across ``spb2_jax`` and ``pallas_kernels`` (other modules refer here):
+
+=====  ==================================================================
+B      batch
+T      query time (tokens)
+S      key time (cached / attended-to positions)
+C      chunk / block / tile length
+D      model width
+F      MLP width
+V      vocabulary
+N      query heads (also the heads of a recurrence)
+K      kv heads
+G      ``N // K``, the GQA group size
+H      head dim (of queries and keys)
+E      value head dim of a recurrence (``= H`` in SpB2)
+P      SSE partitions
+L      layers
+=====  ==================================================================
+
+So attention inputs are ``q [B, T, N, H]``, ``k, v [B, S, K, H]``; recurrence inputs ``q, k [B, T, N, H]``,
+``v [B, T, N, E]`` with states ``[B, N, H, E]``; SSE states ``[B, 1 + P, N, H, E]``. DESIGN.md writes the
+recurrences in fla's letters (``q, k [B, T, H, K]; state [B, H, K, V]``): the same layout, other letters.
+Lower-case letters inside einsum / rearrange patterns are local positions or counts that are not shapes of this
+vocabulary (``t, s`` positions inside a chunk, ``n`` a count of chunks / tiles, ``m`` groups of chunks).
 """
 
 from __future__ import annotations
