@@ -33,14 +33,15 @@ def tiny_step():
 
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
 def test_each_policy_gives_the_same_loss_and_gradients(tiny_step, policy):
-    """Recomputation runs the same float32 operations, so loss and gradients agree to float32 round-off
-    (1e-6 relative to each leaf's largest gradient) with those of no remat, SWA dropout included."""
+    """Recomputation runs the same float32 operations, but XLA fuses (and so sums) them differently: loss and
+    gradients agree to float32 reassociation error. Bound: ~1e-7 per op times the depth of the chunked recurrence
+    and attention reductions (~1e2) -> 1e-5 relative to each leaf's largest gradient; SWA dropout included."""
     config, params, ids, labels, (loss0, grads0) = tiny_step
     loss, grads = _loss_and_grad(config, params, ids, labels, policy, jax.random.key(3))
     np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
     for (path, g), g0 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves(grads0)):
         scale = float(np.abs(np.asarray(g0)).max())
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=0, atol=1e-6 * scale,
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=0, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
 
 
