@@ -113,7 +113,7 @@ def _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT):
     lo = jnp.concatenate(lo, axis=-1)  # [B, T, 1 + N R] key index ranges [lo, hi], -1 = none
     hi = jnp.concatenate(hi, axis=-1)
     valid = (lo >= 0) & real[..., None]
-    span = -(-C // bs) + 1
+    span = min(-(-C // bs) + 1, nT)  # key tiles one range can touch; offsets >= nT are past the end (lo >= 0)
     need = jnp.zeros((B, nT, nT), bool)
     qtile = jnp.broadcast_to((idx // bs)[None, :, None], lo.shape)
     bidx = jnp.broadcast_to(jnp.arange(B)[:, None, None], lo.shape)
