@@ -78,6 +78,8 @@ class Kernels:
       block_size: attention tile (query and key) of the blockwise / Pallas paths.
       moba_algorithm: Pallas MoBA algorithm (``MOBA_ALGORITHMS``).
       chunk_size: chunk length of the chunked recurrences.
+      sequence_shards: shards of the time axis (mesh axis ``sequence``); > 1 runs every token mixer sequence-
+        parallel (``spb2_jax.parallel.sequence``) under the current mesh.
     """
 
     impl: str = DEFAULT_IMPL
@@ -91,19 +93,20 @@ class Kernels:
     block_size: int = 128
     moba_algorithm: str = "gathered"
     chunk_size: int = 64
+    sequence_shards: int = 1
 
     @classmethod
     def resolve(cls, impl: str = DEFAULT_IMPL, *, dtype: Any = jnp.float32, backend: str | None = None,
                 target: str | None = None, interpret: bool | None = None, block_size: int = 128,
-                moba_algorithm: str | None = None, chunk_size: int = 64) -> "Kernels":
+                moba_algorithm: str | None = None, chunk_size: int = 64, sequence_shards: int = 1) -> "Kernels":
         """Per-op implementations for ``impl`` (module docstring: the fallbacks). ``backend`` (default
         ``jax.default_backend()``) is only consulted for ``impl="pallas"`` when target / interpret are not given."""
         check_impl(impl)
-        if block_size < 1 or chunk_size < 1:
-            raise ValueError(f"{block_size=} and {chunk_size=} must be positive")
+        if block_size < 1 or chunk_size < 1 or sequence_shards < 1:
+            raise ValueError(f"{block_size=}, {chunk_size=} and {sequence_shards=} must be positive")
         if impl != "pallas":
             return cls(impl=impl, attention=impl, window=impl, moba=impl, gdn=impl, gla=impl,
-                       block_size=block_size, chunk_size=chunk_size)
+                       block_size=block_size, chunk_size=chunk_size, sequence_shards=sequence_shards)
         if target is None or interpret is None:
             backend = jax.default_backend() if backend is None else backend
         target = ("mosaic_tpu" if backend == "tpu" else "triton") if target is None else target
@@ -119,7 +122,7 @@ class Kernels:
         gdn = "xla" if jnp.dtype(canonical_dtype(dtype)) == jnp.float64 else "pallas"  # kernel is float32-only
         return cls(impl=impl, attention="pallas", window="pallas", moba="pallas", gdn=gdn, gla="xla",
                    target=target, interpret=interpret, block_size=block_size, moba_algorithm=moba_algorithm,
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, sequence_shards=sequence_shards)
 
     @property
     def pallas_args(self) -> dict[str, Any]:
@@ -146,6 +149,11 @@ class ModelOptions:
     remat: str = "none"
     moba_decode: str = "exact"
     official_rope_offset: bool = False
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """The token mixers run over shards of the time axis (``kernels.sequence_shards > 1``)."""
+        return self.kernels.sequence_shards > 1
 
     def replace(self, **changes) -> "ModelOptions":
         """A copy with some fields changed (validated)."""
@@ -178,6 +186,7 @@ def resolve_options(
     moba_decode: str = "exact",
     official_rope_offset: bool = False,
     backend: str | None = None,
+    mesh: Any = None,
 ) -> ModelOptions:
     """The one place where the options are decided (module docstring).
 
@@ -191,13 +200,17 @@ def resolve_options(
       remat: ``"none"``, ``"full"``, ``"save_dots"`` or ``"save_mixer_outputs"``.
       moba_decode, official_rope_offset: decoding behaviour (``spb2_jax.generate``).
       backend: override ``jax.default_backend()`` (tests).
+      mesh: the ``jax.sharding.Mesh`` the model will run under (``spb2_jax.parallel.make_mesh``): with a
+        ``sequence`` axis of size > 1 the token mixers run sequence-parallel over it
+        (``Kernels.sequence_shards``). The model must then be applied under ``spb2_jax.parallel.use_rules(mesh)``.
     """
     del config
+    shards = 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
     dtype = canonical_dtype(jnp.float32 if dtype is None else dtype)
     param_dtype = canonical_dtype(jnp.float32 if param_dtype is None else param_dtype, "param_dtype")
     kernels = Kernels.resolve(DEFAULT_IMPL if impl is None else impl, dtype=dtype, backend=backend, target=target,
                               interpret=interpret, block_size=block_size, moba_algorithm=moba_algorithm,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, sequence_shards=shards)
     opts = ModelOptions(dtype=dtype, param_dtype=param_dtype, kernels=kernels, remat=remat,
                         moba_decode=moba_decode, official_rope_offset=bool(official_rope_offset))
     _validate(opts)

@@ -1,0 +1,206 @@
+"""Sequence parallelism: the token mixers over contiguous shards of the time axis (mesh axis ``sequence``).
+
+Each function wraps a LOCAL op (the same op the 1-device model runs, passed in as a callable) in ``jax.shard_map``
+over the ``sequence`` axis of the current mesh (``jax.set_mesh`` / ``spb2_jax.parallel.use_rules``); the other
+mesh axes stay automatic. Inputs are ``[B, T, ...]`` with the ``Segments`` of the WHOLE rows (global labels and
+positions), so every shard sees global positions. ``T`` not divisible by the shard count is padded at the end
+with padding tokens (id 0), which every op treats as no-ops, and the outputs are cut back.
+
+- Linear recurrences (``linear_recurrence``: GDN and GLA, the SSE partitions are heads of the same call): each
+  shard runs the local chunked op twice. First (under ``jax.checkpoint``, so the backward recomputes it instead of
+  keeping it) from the state ``[0 | I]`` with values ``[v | 0]``: the final state is ``[B_p | A_p]``, the affine
+  summary ``S_out = A_p S_in + B_p`` of the shard (``A_p`` is ``K x K``; for GLA only its diagonal, one extra value
+  column from the state ``[0 | 1]``). A segment that starts inside the shard resets the state, so ``A_p = 0`` there
+  and the chain is cut without any extra logic. The summaries are combined in float32 at ``Precision.HIGHEST`` by
+  a Hillis-Steele prefix scan with ``ppermute`` (``ceil(log2 P)`` rounds of one summary each, instead of an
+  all-gather of all P summaries: O(1) memory in P and the same bytes per round at any T). Then each shard runs the
+  op from its incoming state for its outputs. Communication per layer: ``ceil(log2 P) + 1`` messages of
+  ``B x heads x K x (K + V)`` float32, independent of T.
+- Sliding window (``window_attention``): each shard receives the last ``window - 1`` keys / values (and their
+  segment labels) of the tokens before it by ``ppermute`` (more than one hop when a shard is shorter than the
+  window) and runs the local op on ``[halo | shard]``.
+- Full causal attention and MoBA (``gathered_attention``): first version, K / V / queries all-gathered over the
+  sequence and the local op run on the whole sequence, each shard keeping its rows. Exact, but O(T) memory per
+  device and P-fold redundant compute; the ring versions replace it.
+
+Inside ``shard_map`` the value types are not checked (``check_vma=False``); every output is sharded (the final
+recurrent states are stacked per shard and the last one taken outside), so no gradient goes through a replicated
+output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from spb2_jax.ops.segments import Segments, pad_time
+
+AXIS = "sequence"
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _context_shards(shards: int) -> None:
+    mesh = jax.sharding.get_abstract_mesh()
+    have = dict(mesh.shape).get(AXIS) if not mesh.empty else None
+    if have != shards:
+        raise ValueError(f"sequence parallelism over {shards} shards needs a mesh with {AXIS}={shards} set "
+                         f"(spb2_jax.parallel.use_rules(mesh)); the current mesh has {AXIS}={have}")
+
+
+def _sharded(fn: Callable, shards: int, arrays: tuple, replicated: tuple = (), n_seq: int = 1,
+             n_stacked: int = 0):
+    """``shard_map`` of ``fn(*local_arrays, *replicated)`` over the sequence axis: ``arrays`` are ``[B, T, ...]``
+    (sharded on axis 1; T padded to a multiple of ``shards``); ``replicated`` go to every shard. ``fn`` returns
+    ``n_seq`` arrays ``[B, L, ...]`` (concatenated back along time and cut to T) and then ``n_stacked`` arrays
+    that get a leading per-shard axis (the last shard's is returned)."""
+    _context_shards(shards)
+    T = arrays[0].shape[1]
+    padded = [pad_time(a, shards) for a in arrays]
+    seq = PartitionSpec(None, AXIS)
+
+    def body(*args):
+        outs = fn(*args)
+        return tuple(outs[:n_seq]) + tuple(x[None] for x in outs[n_seq:])
+
+    outs = jax.shard_map(body, in_specs=(seq,) * len(padded) + (PartitionSpec(),) * len(replicated),
+                         out_specs=(seq,) * n_seq + (PartitionSpec(AXIS),) * n_stacked, axis_names={AXIS},
+                         check_vma=False)(*padded, *replicated)
+    return tuple(x[:, :T] for x in outs[:n_seq]) + tuple(x[-1] for x in outs[n_seq:])
+
+
+def _shift(x: jax.Array, hop: int, shards: int) -> jax.Array:
+    """The value of shard ``p - hop`` on shard ``p`` (zeros where ``p < hop``)."""
+    return jax.lax.ppermute(x, AXIS, [(i, i + hop) for i in range(shards - hop)])
+
+
+def _before(p: jax.Array, hop: int) -> jax.Array:
+    return p >= hop
+
+
+# ---------------------------------------------------------------- linear recurrences (GDN, GLA)
+
+def _rebase_labels(labels: jax.Array, shards: int) -> jax.Array:
+    """Segment labels of a shard renumbered so that the segment continuing from the shards before it is 1 (it
+    continues the incoming state, like the first segment of a row) and later ones count on from there."""
+    p = jax.lax.axis_index(AXIS)
+    last = jax.lax.all_gather(labels.max(axis=1), AXIS)  # [P, B] highest label of every shard (tiny)
+    earlier = (jnp.arange(shards) < p)[:, None]
+    base = jnp.maximum(jnp.max(jnp.where(earlier, last, 0), axis=0), 1)  # [B]
+    return jnp.where(labels > 0, labels - base[:, None] + 1, 0)
+
+
+def _compose(first, then, diagonal: bool):
+    """Affine maps ``S -> A S + B``: ``then`` after ``first``, in float32 at HIGHEST precision."""
+    (a1, b1), (a2, b2) = first, then
+    if diagonal:  # a: [B, N, K] (the diagonal of A)
+        return a2 * a1, a2[..., None] * b1 + b2
+    return (jnp.einsum("bnij,bnjk->bnik", a2, a1, precision=_HI),
+            jnp.einsum("bnij,bnjv->bniv", a2, b1, precision=_HI) + b2)
+
+
+def _apply(summary, state, diagonal: bool):
+    a, b = summary
+    if diagonal:
+        return a[..., None] * state + b
+    return jnp.einsum("bnij,bnjv->bniv", a, state, precision=_HI) + b
+
+
+def _prefix_summaries(summary, shards: int, diagonal: bool):
+    """Inclusive prefix (shard 0 first) of the shards' affine summaries: Hillis-Steele, ``ppermute`` per round."""
+    p = jax.lax.axis_index(AXIS)
+    hop = 1
+    while hop < shards:
+        received = jax.tree.map(lambda x, h=hop: _shift(x, h, shards), summary)
+        combined = _compose(received, summary, diagonal)
+        summary = jax.tree.map(lambda c, s, h=hop: jnp.where(_before(p, h), c, s), combined, summary)
+        hop *= 2
+    return summary
+
+
+def linear_recurrence(local: Callable, q, k, v, gates: tuple, *, initial_state, segments: Segments,
+                      diagonal: bool, shards: int):
+    """Sequence-parallel ``local(q, k, v, *gates, initial_state=, segments=) -> (o, final_state)``.
+
+    Args:
+      local: the 1-device chunked op (state ``[B, N, K, V]`` float32; an identity-like state on value columns
+        whose values are zero must evolve as the homogeneous recurrence, which holds for GDN and GLA).
+      q, k: ``[B, T, N, K]``; v: ``[B, T, N, V]``; gates: per-token gate arrays ``[B, T, ...]``.
+      initial_state: ``[B, N, K, V]`` or None (zero); segments: of the whole rows.
+      diagonal: the transition is diagonal (GLA) rather than a full ``K x K`` matrix (GDN).
+    Returns:
+      ``(o [B, T, N, V], final_state [B, N, K, V] float32)`` equal to ``local`` on one device.
+    """
+    B, _, N, K = k.shape
+    V = v.shape[-1]
+    E = 1 if diagonal else K
+    s0 = jnp.zeros((B, N, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    eye = jnp.ones((K, 1), jnp.float32) if diagonal else jnp.eye(K, dtype=jnp.float32)
+    n_gates = len(gates)
+
+    def shard(q, k, v, *rest):
+        gs, (ids, labels, positions), s_init = rest[:n_gates], rest[n_gates:n_gates + 3], rest[-1]
+        seg = Segments(ids=ids, labels=_rebase_labels(labels, shards), positions=positions)
+
+        def summary_pass(q, k, v, gs):
+            v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (E,), v.dtype)], axis=-1)
+            init = jnp.concatenate([jnp.zeros((B, N, K, V), jnp.float32), jnp.broadcast_to(eye, (B, N, K, E))], -1)
+            _, s = local(q, k, v_aug, *gs, initial_state=init, segments=seg)
+            s = s.astype(jnp.float32)
+            a = s[..., V:]
+            return (a[..., 0] if diagonal else a), s[..., :V]
+
+        summary = jax.checkpoint(summary_pass)(q, k, v, gs)
+        total = _prefix_summaries(summary, shards, diagonal)  # shards 0..p
+        s_out = _apply(total, s_init, diagonal)  # state after shard p
+        p = jax.lax.axis_index(AXIS)
+        s_in = jnp.where(_before(p, 1), _shift(s_out, 1, shards), s_init)
+        o, s_fin = local(q, k, v, *gs, initial_state=s_in, segments=seg)
+        return o, s_fin
+
+    o, state = _sharded(shard, shards, (q, k, v) + tuple(gates) + (segments.ids, segments.labels,
+                                                                  segments.positions),
+                        replicated=(s0,), n_stacked=1)
+    return o, state
+
+
+# ---------------------------------------------------------------- sliding-window attention
+
+def window_attention(local: Callable, q, k, v, *, window: int, segments: Segments, shards: int) -> jax.Array:
+    """Sequence-parallel ``local(q, k, v, segments=) -> o`` for a causal window of ``window`` keys: each shard
+    gets the ``window - 1`` keys / values before it from its left neighbours (``ppermute``; one hop when a shard
+    holds at least ``window - 1`` tokens)."""
+    need = window - 1
+
+    def shard(q, k, v, ids, labels, positions):
+        L = q.shape[1]
+        if need == 0:
+            return (local(q, k, v, segments=Segments(ids=ids, labels=labels, positions=positions)),)
+        hops = math.ceil(need / L)
+        parts = [(k, v, ids, labels, positions)]
+        for hop in range(1, hops + 1):
+            take = min(L, need - (hop - 1) * L)  # the last ``take`` tokens of shard p - hop
+            parts.insert(0, tuple(_shift(x[:, L - take:], hop, shards) for x in (k, v, ids, labels, positions)))
+        ke, ve, ide, lae, poe = (jnp.concatenate(xs, axis=1) for xs in zip(*parts))
+        qe = jnp.concatenate([jnp.zeros((q.shape[0], need) + q.shape[2:], q.dtype), q], axis=1)
+        o = local(qe, ke, ve, segments=Segments(ids=ide, labels=lae, positions=poe))
+        return (o[:, need:],)
+
+    return _sharded(shard, shards, (q, k, v, segments.ids, segments.labels, segments.positions))[0]
+
+
+# ---------------------------------------------------------------- full causal attention and MoBA
+
+def gathered_attention(local: Callable, q, k, v, *, segments: Segments, shards: int) -> jax.Array:
+    """Sequence-parallel ``local(q, k, v, segments=) -> o`` by all-gathering the sequence (first version)."""
+
+    def shard(q, k, v, ids, labels, positions):
+        L = q.shape[1]
+        full = [jax.lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (q, k, v, ids, labels, positions)]
+        o = local(*full[:3], segments=Segments(ids=full[3], labels=full[4], positions=full[5]))
+        return (jax.lax.dynamic_slice_in_dim(o, jax.lax.axis_index(AXIS) * L, L, axis=1),)
+
+    return _sharded(shard, shards, (q, k, v, segments.ids, segments.labels, segments.positions))[0]
