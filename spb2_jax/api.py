@@ -22,6 +22,9 @@ from spb2_jax.generate.loop import generate as generate_ids
 from spb2_jax.generate.tokenizer import load_tokenizer
 from spb2_jax.model import CausalLMOutput, SpB2ForCausalLM
 from spb2_jax.options import ModelOptions, resolve_options
+from spb2_jax.parallel.mesh import check_batch, sequence_shards, token_sharding
+from spb2_jax.parallel.placement import param_shardings
+from spb2_jax.parallel.rules import use_rules
 
 EMBEDDED_TINY = os.path.join(os.path.dirname(__file__), "assets", "tiny")
 
@@ -29,12 +32,14 @@ EMBEDDED_TINY = os.path.join(os.path.dirname(__file__), "assets", "tiny")
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model: ``config``, ``options`` (how it runs), ``params`` (a pytree of arrays) and the checkpoint's
-    ``tokenizer`` (a ``tokenizers.Tokenizer``, or None when the checkpoint has no ``tokenizer.json``)."""
+    ``tokenizer`` (a ``tokenizers.Tokenizer``, or None when the checkpoint has no ``tokenizer.json``) and the
+    ``mesh`` it is sharded over (None: one device)."""
 
     config: SpB2Config
     options: ModelOptions
     params: Any
     tokenizer: Any = None
+    mesh: Any = None
 
     @property
     def module(self) -> SpB2ForCausalLM:
@@ -59,8 +64,34 @@ class Model:
             raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside "
                              f"[0, vocab_size={self.config.vocab_size})")
         as_int = lambda x: None if x is None else np.asarray(x).astype(np.int32)  # noqa: E731
-        return _apply(self.params, ids.astype(np.int32), as_int(attention_mask), as_int(segment_ids),
-                      config=self.config, options=self.options, output_hidden_states=output_hidden_states)
+        mask, seg = as_int(attention_mask), as_int(segment_ids)
+        for name, x in (("attention_mask", mask), ("segment_ids", seg)):
+            if x is not None and x.shape != ids.shape:
+                raise ValueError(f"{name} shape {x.shape} != input_ids shape {ids.shape}")
+        if self.mesh is None:
+            return _apply(self.params, ids.astype(np.int32), mask, seg, config=self.config, options=self.options,
+                          output_hidden_states=output_hidden_states)
+        return self._apply_sharded(ids.astype(np.int32), mask, seg, output_hidden_states)
+
+    def _apply_sharded(self, ids, mask, seg, output_hidden_states):
+        """Inputs padded at the end to a multiple of the sequence shards (padding tokens: mask / segment id 0),
+        placed ``[data x fsdp, sequence]``, the forward run under the mesh's rules, the padding cut off."""
+        check_batch(self.mesh, ids.shape[0])
+        T = ids.shape[1]
+        extra = (-T) % sequence_shards(self.mesh)
+        if extra:
+            if mask is None and seg is None:
+                mask = np.ones_like(ids)
+            pad = lambda x: None if x is None else np.pad(x, ((0, 0), (0, extra)))  # noqa: E731
+            ids, mask, seg = pad(ids), pad(mask), pad(seg)
+        place = lambda x: None if x is None else jax.device_put(x, token_sharding(self.mesh))  # noqa: E731
+        with use_rules(self.mesh):
+            out = _apply(self.params, place(ids), place(mask), place(seg), config=self.config,
+                         options=self.options, output_hidden_states=output_hidden_states)
+        if not extra:
+            return out
+        return jax.tree.map(lambda x: x[:, :T] if getattr(x, "ndim", 0) >= 2 and x.shape[1] == T + extra else x,
+                            out)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (needs the checkpoint's tokenizer)."""
@@ -106,7 +137,8 @@ def _apply(params, ids, mask, seg, *, config, options, output_hidden_states):
 
 
 def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None, impl: str | None = None,
-                    options: ModelOptions | None = None, strict: bool = True, **option_kwargs) -> Model:
+                    options: ModelOptions | None = None, strict: bool = True, mesh: Any = None,
+                    **option_kwargs) -> Model:
     """Load an HF checkpoint directory into a ``Model`` handle.
 
     Args:
@@ -117,6 +149,9 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
       impl: ``"xla"`` (default), ``"pallas"`` or ``"reference"`` (``spb2_jax.options``).
       options: a ready ``ModelOptions`` instead of ``dtype`` / ``impl`` / ``option_kwargs``.
       strict: every checkpoint tensor must be used (``load_hf``).
+      mesh: a ``spb2_jax.parallel.make_mesh`` mesh: each tensor is placed on its shards as it is read (logical
+        rules), and with a ``sequence`` axis > 1 the token mixers run sequence-parallel; ``model(...)`` then
+        shards its inputs ``[data x fsdp, sequence]``.
       option_kwargs: more ``resolve_options`` arguments (``remat``, ``moba_decode``, ``block_size``...).
     """
     path = EMBEDDED_TINY if path is None else os.fspath(path)
@@ -124,8 +159,14 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
         raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
     config = SpB2Config.from_pretrained(path)
     if options is None:
-        options = resolve_options(config, dtype=dtype, impl=impl, **option_kwargs)
-    _, params = load_hf(path, dtype=options.dtype, strict=strict)
+        options = resolve_options(config, dtype=dtype, impl=impl, mesh=mesh, **option_kwargs)
+    elif options.kernels.sequence_shards != sequence_shards(mesh):
+        raise ValueError(f"options were resolved for {options.kernels.sequence_shards} sequence shards but the "
+                         f"mesh has {sequence_shards(mesh)}: resolve_options(config, mesh=mesh)")
+    shardings = None
+    if mesh is not None:
+        shardings = functools.partial(param_shardings, mesh=mesh)
+    _, params = load_hf(path, dtype=options.dtype, strict=strict, shardings=shardings)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
-    return Model(config=config, options=options, params=params,
+    return Model(config=config, options=options, params=params, mesh=mesh,
                  tokenizer=load_tokenizer(path) if has_tokenizer else None)

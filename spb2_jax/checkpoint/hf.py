@@ -253,9 +253,10 @@ def _raise_problems(problems: list[str]) -> None:
                               + "\n".join(problems))
 
 
-def _to_device(array: np.ndarray, transposed: bool, dtype: np.dtype | None) -> jax.Array:
+def _to_device(array: np.ndarray, transposed: bool, dtype: np.dtype | None, sharding: Any = None) -> jax.Array:
     """HF-layout host array -> JAX array in Flax layout and ``dtype``; at most one extra host copy (of this
-    one tensor). On CPU the final aligned buffer is adopted by JAX without a copy."""
+    one tensor). On CPU the final aligned buffer is adopted by JAX without a copy. With ``sharding`` each
+    addressable shard is copied to its device from the host array."""
     target = array.dtype if dtype is None else dtype
     if transposed:
         out = _aligned_empty(array.shape[::-1], target)
@@ -265,11 +266,13 @@ def _to_device(array: np.ndarray, transposed: bool, dtype: np.dtype | None) -> j
         out = _aligned_empty(array.shape, target)
         np.copyto(out, array, casting="unsafe")
         array = out
+    if sharding is not None:
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
     return jax.device_put(array)
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
-            progress: bool = True) -> tuple[SpB2Config, Any]:
+            progress: bool = True, shardings: Any = None) -> tuple[SpB2Config, Any]:
     """Load an HF checkpoint directory into ``(config, params)``.
 
     Args:
@@ -277,8 +280,13 @@ def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
       dtype: cast every param to this dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the stored dtypes.
       strict: unexpected tensors are an error (missing and wrongly-shaped tensors always are).
       progress: show a tqdm bar over tensors.
+      shardings: optional ``config -> params tree of jax.sharding.Sharding`` (e.g. the logical rules over a mesh,
+        ``spb2_jax.parallel.placement.param_shardings``): each tensor is placed on its shards as it is read
+        (``jax.make_array_from_callback``, so every process puts only its own shards on its devices), never the
+        whole model on one device.
     Returns:
-      the validated ``SpB2Config`` and the Flax param tree for ``SpB2ForCausalLM`` (on the default device).
+      the validated ``SpB2Config`` and the Flax param tree for ``SpB2ForCausalLM`` (on the default device, or
+      placed by ``shardings``).
     Raises:
       FileNotFoundError: no such directory, no ``config.json``, or no weights at all.
       CheckpointError: listing every missing / unexpected / wrongly-shaped tensor; malformed files; or a
@@ -296,6 +304,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
     by_file: dict[str, list[str]] = {}
     for name in spec:
         by_file.setdefault(infos[name].file, []).append(name)
+    placement = {} if shardings is None else traverse_util.flatten_dict(shardings(config))
     flat = {}
     with tqdm(total=len(spec), desc=f"loading {os.path.basename(path.rstrip('/'))}", unit="tensor",
               disable=not progress) as bar:
@@ -303,7 +312,8 @@ def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
             with open(fname, "rb", buffering=0) as f:
                 for name in sorted(by_file[fname], key=lambda n: infos[n].offset):
                     fpath, _, transposed = spec[name]
-                    flat[fpath] = _to_device(read_tensor(f, infos[name]), transposed, target)
+                    flat[fpath] = _to_device(read_tensor(f, infos[name]), transposed, target,
+                                             placement.get(fpath))
                     bar.update()
     return config, traverse_util.unflatten_dict(flat)
 
