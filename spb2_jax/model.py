@@ -20,7 +20,7 @@ from spb2_jax.layers.block import remat_block
 from spb2_jax.layers.common import Dtype, RMSNorm, dense, partitioned
 from spb2_jax.loss import IGNORE_INDEX, causal_lm_loss_tiled
 from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.segments import Segments
+from spb2_jax.ops.segments import Segments, pad_time
 from spb2_jax.options import ModelOptions, options_from
 from spb2_jax.parallel import rules
 
@@ -88,6 +88,11 @@ class SpB2Model(nn.Module):
         With ``caches`` (one per layer) and ``step`` (``spb2_jax.layers.cache.CacheStep``) the tokens are added to
         the caches; the returned ``caches`` are the updated ones (None without).
         """
+        T = input_ids.shape[1]
+        shards = self.options.kernels.sequence_shards
+        if caches is None and T % shards:  # sequence parallel: pad once, to whole shards (padding tokens)
+            input_ids = pad_time(input_ids, shards)
+            segments = jax.tree.map(lambda a: pad_time(a, shards), segments)
         x = rules.constrain(self.embeddings(input_ids), rules.HIDDEN)  # [B, T, D]
         hidden, mixed_all, aux_all, new_caches = [x], [], [], []
         for i, layer in enumerate(self.layers):
@@ -100,6 +105,8 @@ class SpB2Model(nn.Module):
             mixed_all.append(mixed)
             aux_all.append(aux)
             new_caches.append(cache)
+        if x.shape[1] != T:
+            x, hidden, mixed_all = x[:, :T], [h[:, :T] for h in hidden], [m[:, :T] for m in mixed_all]
         return self.norm(x), hidden, mixed_all, jnp.stack(aux_all), None if caches is None else tuple(new_caches)
 
     def attend(self, x: jax.Array) -> jax.Array:

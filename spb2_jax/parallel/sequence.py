@@ -15,7 +15,7 @@ with padding tokens (id 0), which every op treats as no-ops, and the outputs are
   a Hillis-Steele prefix scan with ``ppermute`` (``ceil(log2 P)`` rounds of one summary each, instead of an
   all-gather of all P summaries: O(1) memory in P and the same bytes per round at any T). Then each shard runs the
   op from its incoming state for its outputs. Communication per layer: ``ceil(log2 P) + 1`` messages of
-  ``B x heads x K x (K + V)`` float32, independent of T.
+  ``B x heads x K x (K + V)`` float32 (float64 for float64 inputs), independent of T.
 - Sliding window (``window_attention``): each shard receives the last ``window - 1`` keys / values (and their
   segment labels) of the tokens before it by ``ppermute`` (more than one hop when a shard is shorter than the
   window) and runs the local op on ``[halo | shard]``.
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.segments import Segments, pad_time
 
 AXIS = "sequence"
@@ -137,8 +138,9 @@ def linear_recurrence(local: Callable, q, k, v, gates: tuple, *, initial_state, 
     B, _, N, K = k.shape
     V = v.shape[-1]
     E = 1 if diagonal else K
-    s0 = jnp.zeros((B, N, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    eye = jnp.ones((K, 1), jnp.float32) if diagonal else jnp.eye(K, dtype=jnp.float32)
+    acc = acc_dtype(q, k, v)  # float32 (float64 under x64 inputs)
+    s0 = jnp.zeros((B, N, K, V), acc) if initial_state is None else initial_state.astype(acc)
+    eye = jnp.ones((K, 1), acc) if diagonal else jnp.eye(K, dtype=acc)
     n_gates = len(gates)
 
     def shard(q, k, v, *rest):
@@ -147,9 +149,9 @@ def linear_recurrence(local: Callable, q, k, v, gates: tuple, *, initial_state, 
 
         def summary_pass(q, k, v, gs):
             v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (E,), v.dtype)], axis=-1)
-            init = jnp.concatenate([jnp.zeros((B, N, K, V), jnp.float32), jnp.broadcast_to(eye, (B, N, K, E))], -1)
+            init = jnp.concatenate([jnp.zeros((B, N, K, V), acc), jnp.broadcast_to(eye, (B, N, K, E))], -1)
             _, s = local(q, k, v_aug, *gs, initial_state=init, segments=seg)
-            s = s.astype(jnp.float32)
+            s = s.astype(acc)
             a = s[..., V:]
             return (a[..., 0] if diagonal else a), s[..., :V]
 
