@@ -75,7 +75,14 @@ class Model:
 
     def _apply_sharded(self, ids, mask, seg, output_hidden_states):
         """Inputs padded at the end to a multiple of the sequence shards (padding tokens: mask / segment id 0),
-        placed ``[data x fsdp, sequence]``, the forward run under the mesh's rules, the padding cut off."""
+        placed ``[data x fsdp, sequence]``, the forward run under the mesh's rules, the padding cut off.
+
+        Multi-host (a mesh over several processes, ``spb2_jax.parallel.initialize_distributed``): every process
+        calls the model with the same full batch ``[B, T]``, as every process reads the same checkpoint in
+        ``load_pretrained``; each process places only the slices its own devices hold
+        (``jax.make_array_from_callback``, no communication; the processes' inputs are not compared). The
+        outputs are global ``jax.Array`` s that no process holds whole: gather them with
+        ``jax.experimental.multihost_utils.process_allgather(out.logits, tiled=True)``."""
         check_batch(self.mesh, ids.shape[0])
         T = ids.shape[1]
         extra = (-T) % sequence_shards(self.mesh)
@@ -84,7 +91,7 @@ class Model:
                 mask = np.ones_like(ids)
             pad = lambda x: None if x is None else np.pad(x, ((0, 0), (0, extra)))  # noqa: E731
             ids, mask, seg = pad(ids), pad(mask), pad(seg)
-        place = lambda x: None if x is None else jax.device_put(x, token_sharding(self.mesh))  # noqa: E731
+        place = functools.partial(_place_tokens, sharding=token_sharding(self.mesh))
         with use_rules(self.mesh):
             out = _apply(self.params, place(ids), place(mask), place(seg), config=self.config,
                          options=self.options, output_hidden_states=output_hidden_states)
@@ -128,6 +135,12 @@ class Model:
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead of text")
         return self.tokenizer
+
+
+def _place_tokens(x: np.ndarray | None, sharding: jax.sharding.Sharding) -> jax.Array | None:
+    """A host ``[B, T]`` array (the same on every process) as a global array: each process copies only the
+    slices of its own devices."""
+    return None if x is None else jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "output_hidden_states"))

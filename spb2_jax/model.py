@@ -90,9 +90,12 @@ class SpB2Model(nn.Module):
         """
         T = input_ids.shape[1]
         shards = self.options.kernels.sequence_shards
-        if caches is None and T % shards:  # sequence parallel: pad once, to whole shards (padding tokens)
-            input_ids = pad_time(input_ids, shards)
+        if T % shards and (caches is None or step.fresh):  # sequence parallel: pad once, to whole shards
+            input_ids = pad_time(input_ids, shards)  # padding tokens (segment 0; no cache slot is written)
             segments = jax.tree.map(lambda a: pad_time(a, shards), segments)
+            if step is not None:
+                step = step.replace(valid=pad_time(step.valid, shards, False),
+                                    positions=pad_time(step.positions, shards, -1))
         x = rules.constrain(self.embeddings(input_ids), rules.HIDDEN)  # [B, T, D]
         hidden, mixed_all, aux_all, new_caches = [x], [], [], []
         for i, layer in enumerate(self.layers):

@@ -7,6 +7,8 @@ Tasks:
                            (forward and gradients; max relative error per case)
   forward FIXTURE:SPEC...  the sharded model forward of official fixtures vs the 1-device forward (float32)
   grads FIXTURE:SPEC...    loss and gradients w.r.t. every parameter, sharded vs 1 device, in float64
+  decode FIXTURE:SPEC...   sharded prefill of a prompt then teacher-forced cached decode steps vs the 1-device
+                           no-cache forward (float32)
   errors                   the error message of each bad input (unknown axis, wrong sizes, batch vs data)
 """
 
@@ -27,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import spb2_jax as spb2  # noqa: E402
 from spb2_jax.checkpoint import load_hf  # noqa: E402
+from spb2_jax.generate import decode_step, init_cache, prefill  # noqa: E402
 from spb2_jax.model import loss_fn  # noqa: E402
 from spb2_jax.ops import dispatch  # noqa: E402
 from spb2_jax.ops.segments import Segments  # noqa: E402
@@ -209,6 +212,39 @@ def _grads(name: str, specs) -> dict[str, float]:
     return out
 
 
+def task_decode(*pairs: str) -> dict[str, float]:
+    """Prefill the first ``T0`` tokens (the fixture's padding mask included) with the sequence-sharded model into
+    a sequence-sharded cache, then decode the remaining tokens one by one (teacher forcing); every real token's
+    logits vs the 1-device no-cache forward of the whole input."""
+    out = {}
+    for name, specs in _pairs(pairs).items():
+        ids, _, mask = _fixture(name)
+        B, T = ids.shape
+        ref = np.asarray(spb2.load_pretrained(fixture_dir(name))(ids, mask).logits)
+        valid = np.ones((B, T), bool) if mask is None else mask.astype(bool)
+        T0 = T - 5  # prompt length: not a multiple of the shard counts for the fixtures' T
+        for spec in specs:
+            mesh = mesh_for(spec)
+            model = spb2.load_pretrained(fixture_dir(name), mesh=mesh)
+            with use_rules(mesh):
+                cache = init_cache(model.config, B, T + 3, model.options.dtype, mesh=mesh)
+                first, cache = prefill(model.params, model.config, ids[:, :T0], cache, valid[:, :T0],
+                                       all_logits=True, options=model.options)
+                steps = [np.asarray(first)]
+                kv = [c for c in cache.layers if hasattr(c, "block_sums")]
+                assert kv and all(c.k.sharding.spec[2] == "sequence" for c in kv), [c.k.sharding for c in kv]
+                for t in range(T0, T):
+                    logits, cache = decode_step(model.params, model.config, ids[:, t:t + 1], cache,
+                                                options=model.options)
+                    steps.append(np.asarray(logits))
+            got = np.concatenate(steps, axis=1)
+            keep = valid.copy()
+            keep[:, T0:] = True  # decode steps: every row's token is real
+            assert valid[:, T0:].all(), "the decoded tail must have no padding"
+            out[f"{name}-{spec}"] = rel(got[keep], ref[keep])
+    return out
+
+
 # ------------------------------------------------------------------ errors
 
 def task_errors() -> dict[str, str]:
@@ -231,5 +267,6 @@ def task_errors() -> dict[str, str]:
 
 if __name__ == "__main__":
     task, args = sys.argv[1], sys.argv[2:]
-    result = {"ops": task_ops, "forward": task_forward, "grads": task_grads, "errors": task_errors}[task](*args)
+    result = {"ops": task_ops, "forward": task_forward, "grads": task_grads, "decode": task_decode,
+              "errors": task_errors}[task](*args)
     print(json.dumps(result))

@@ -89,6 +89,17 @@ def test_sharded_gradients_equal_one_device():
     _check_grads(["tiny:fsdp=2,sequence=4"])
 
 
+def test_cached_decode_after_a_sharded_prefill_equals_one_device():
+    """Prefill of 85 tokens (not a multiple of the shard counts) into a KV cache sharded over ``sequence`` (the
+    worker asserts the sharding), then teacher-forced decode steps combining the shards' partial softmax by
+    log-sum-exp; every real token's logits vs the 1-device no-cache forward. MoBA + full + SSE-GDN (tiny), left
+    padding (tiny-leftpad), GLA (tiny-gla-mask). Without the log-sum-exp rescaling the error is ~0.5 (checked)."""
+    errors = _worker("decode", "tiny:sequence=4", "tiny-leftpad:data=2,sequence=4", "tiny-gla-mask:sequence=8")
+    assert len(errors) == 3
+    bad = {case: err for case, err in errors.items() if not err <= 1e-5}
+    assert not bad, bad
+
+
 @pytest.mark.slow(reason="every fixture x every mesh spec (the default selection covers each once)")
 def test_sharded_forward_full_matrix():
     _check_forward(ALL_PAIRS)

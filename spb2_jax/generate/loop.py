@@ -106,7 +106,8 @@ def _generate(params, ids, valid, rng, temperature, top_p, stops, pad_token_id, 
               config: SpB2Config, capacity: int, top_k: int | None, options: ModelOptions, stream: bool):
     """Prefill + sampling loop; ``capacity`` (static) >= the traced ``max_new_tokens`` sizes the output buffer."""
     B, T = ids.shape
-    cache = init_cache(config, B, T + capacity, options.dtype)
+    mesh = jax.sharding.get_abstract_mesh() if options.sequence_parallel else None  # KV cache over ``sequence``
+    cache = init_cache(config, B, T + capacity, options.dtype, mesh=mesh)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, cache = extend(params, ids, valid, cache, config=config, fresh=True, all_logits=False, options=options)
     rng, key = jax.random.split(rng)

@@ -22,7 +22,7 @@ from spb2_jax.ops.cached_attention import (causal_slot_mask, moba_gathered_atten
 from spb2_jax.ops.rope import apply_rope
 from spb2_jax.ops.segments import Segments
 from spb2_jax.options import ModelOptions
-from spb2_jax.parallel import rules
+from spb2_jax.parallel import rules, sequence
 
 
 class AttentionMixer(nn.Module):
@@ -84,16 +84,20 @@ class AttentionMixer(nn.Module):
         """New queries over the whole position-indexed cache (already holding the new keys)."""
         a = self.config.attn
         S = cache.k.shape[2]
+        shards = self.options.kernels.sequence_shards
         if self.kind == LayerKind.MOBA and not step.moba_dense:
-            if q.shape[1] == 1 and a.moba_topk * a.moba_chunk_size < S:  # decode: read only the selected blocks
+            if shards == 1 and q.shape[1] == 1 and a.moba_topk * a.moba_chunk_size < S:
+                # decode: read only the selected blocks
                 return moba_gathered_attention(q, cache.k, cache.v, step.positions, cache.block_sums,
                                                chunk_size=a.moba_chunk_size, topk=a.moba_topk)
 
-            def mask_fn(qt, pt):
+            def mask_fn(qt, pt, slots=None):
                 return moba_slot_mask(qt, pt, cache.block_sums, num_slots=S, chunk_size=a.moba_chunk_size,
-                                      topk=a.moba_topk)
+                                      topk=a.moba_topk, slots=slots)
         else:
-            def mask_fn(qt, pt):
-                return causal_slot_mask(pt, S)
+            def mask_fn(qt, pt, slots=None):
+                return causal_slot_mask(pt, S, slots)
+        if shards > 1:  # the cache is sharded along its slots: flash-decoding across the shards
+            return sequence.cache_attention(q, cache.k, cache.v, mask_fn, step.positions, shards=shards)
         k, v = (rearrange(x, "B K S H -> B S K H") for x in (cache.k, cache.v))
         return tiled_attention(q, k, v, mask_fn, step.positions)

@@ -26,8 +26,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.ops.cached_attention import add_slots, write_slots
+from spb2_jax.parallel.mesh import SEQUENCE_AXIS
 
 
 @flax.struct.dataclass
@@ -115,23 +118,38 @@ def window_size(config: SpB2Config, max_len: int) -> int:
     return max_len if w is None else min(w, max_len)
 
 
-def init_cache(config: SpB2Config, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+def init_cache(config: SpB2Config, batch_size: int, max_len: int, dtype: Any = jnp.float32, *,
+               mesh: Any = None) -> Cache:
     """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + generated).
 
     K/V are stored in ``dtype`` (the compute dtype), recurrent states and MoBA block sums in float32.
+
+    ``mesh`` (a ``Mesh`` or, inside ``jit``, ``jax.sharding.get_abstract_mesh()``) with ``sequence = P > 1``: the
+    full / MoBA K/V buffers are sharded along their slot axis over ``sequence`` (``max_len`` rounded up to a
+    multiple of P slots; the extra slots stay unused), which is what a sequence-sharded prefill fills and what
+    ``decode_step`` attends over shard by shard (``spb2_jax.parallel.sequence.cache_attention``). The recurrent
+    states, the SWA ring and the MoBA block sums are small and replicated.
     """
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_cache needs batch_size >= 1 and max_len >= 1, got {batch_size=} {max_len=}")
     a = config.attn
     B, N, K, H, P = batch_size, config.num_heads, a.kv_heads, config.head_dim, config.num_sparse_partition
+    shards = 1 if mesh is None else int(dict(mesh.shape).get(SEQUENCE_AXIS, 1))
+    slots = -(-max_len // shards) * shards
+
+    def kv_buffer():
+        x = jnp.zeros((B, K, slots, H), dtype)
+        if shards == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, None, SEQUENCE_AXIS)))
+
     layers = []
     for kind in config.layer_kinds:
         if kind in (LayerKind.FULL, LayerKind.MOBA):
-            shape = (B, K, max_len, H)  # k and v must be distinct buffers (both may be donated)
-            sums = None
+            sums = None  # k and v must be distinct buffers (both may be donated)
             if kind == LayerKind.MOBA:
-                sums = jnp.zeros((B, -(-max_len // a.moba_chunk_size), K, H), jnp.float32)
-            layers.append(KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), block_sums=sums))
+                sums = jnp.zeros((B, -(-slots // a.moba_chunk_size), K, H), jnp.float32)
+            layers.append(KVCache(k=kv_buffer(), v=kv_buffer(), block_sums=sums))
         else:
             W = window_size(config, max_len)
             state = jnp.zeros((B, 1 + P, N, H, H), jnp.float32)  # [B, 1 + P, N, H, E] with E = H

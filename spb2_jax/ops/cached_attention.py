@@ -78,9 +78,13 @@ def tiled_attention(
     return rearrange(out, "n B t N H -> B (n t) N H")[:, :T]
 
 
-def causal_slot_mask(qpos: jax.Array, num_slots: int) -> jax.Array:
-    """Position-indexed cache: query at ``p`` sees slots ``0..p``; ``[B, t, S]`` (``p < 0``: nothing)."""
-    return jnp.arange(num_slots)[None, None, :] <= qpos[..., None]
+def causal_slot_mask(qpos: jax.Array, num_slots: int, slots: jax.Array | None = None) -> jax.Array:
+    """Position-indexed cache: query at ``p`` sees slots ``0..p``; ``[B, t, S]`` (``p < 0``: nothing).
+
+    ``slots``: the slot indices the mask is for (default ``arange(num_slots)``; a shard of the cache passes its
+    own)."""
+    slots = jnp.arange(num_slots) if slots is None else slots
+    return slots[None, None, :] <= qpos[..., None]
 
 
 def moba_selection(
@@ -112,17 +116,19 @@ def moba_selection(
 
 def moba_slot_mask(
     q: jax.Array, qpos: jax.Array, block_sums: jax.Array, *, num_slots: int, chunk_size: int, topk: int,
+    slots: jax.Array | None = None,
 ) -> jax.Array:
     """MoBA mask of a query tile over a position-indexed cache of ``num_slots`` slots, ``[B, N, t, S]``
-    (the blocks of ``moba_selection``, slots ``<= p``)."""
-    nblk, S, C = block_sums.shape[1], num_slots, chunk_size
+    (the blocks of ``moba_selection``, slots ``<= p``); ``slots`` as in ``causal_slot_mask``."""
+    nblk, C = block_sums.shape[1], chunk_size
+    slots = jnp.arange(num_slots) if slots is None else slots
     own, picked, ok = moba_selection(q, qpos, block_sums, chunk_size=C, topk=topk)
     blocks = jnp.arange(nblk)
     selected = blocks[None, None, None, :] == own[:, None, :, None]  # [B, 1, t, nblk]
     if picked is not None:
         selected = selected | (jax.nn.one_hot(picked, nblk, dtype=bool) & ok[..., None]).any(-2)
-    slot_selected = jnp.repeat(selected, C, axis=-1)[..., :S]  # [B, N|1, t, S]
-    return slot_selected & causal_slot_mask(qpos, S)[:, None]
+    slot_selected = jnp.take(selected, jnp.minimum(slots // C, nblk - 1), axis=-1)  # [B, N|1, t, S]
+    return slot_selected & causal_slot_mask(qpos, num_slots, slots)[:, None]
 
 
 def moba_gathered_attention(

@@ -7,7 +7,10 @@ the compiler propagates, and the sequence-parallel mixers are ``jax.shard_map`` 
 default ``Explicit`` axes would turn every hint into a type assertion on the operand's sharding.
 
 Multi-host: call ``jax.distributed.initialize(...)`` in every process first (``initialize_distributed``); the
-mesh then spans ``jax.devices()``, the devices of all processes.
+mesh then spans ``jax.devices()``, the devices of all processes. Every process then runs the same program:
+``load_pretrained(path, mesh=mesh)`` on the same checkpoint and the model on the same full batch; each process
+places only its own devices' shards, and the outputs are global arrays (gather them with
+``jax.experimental.multihost_utils.process_allgather``). ``tests/test_multihost.py`` runs two processes.
 """
 
 from __future__ import annotations
@@ -99,9 +102,16 @@ def check_batch(mesh: Mesh | None, batch: int) -> None:
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
                            cpu_collectives: str | None = None) -> None:
-    """``jax.distributed.initialize`` for a multi-process run (call it first, in every process).
+    """``jax.distributed.initialize`` for a multi-process run (call it first, in every process, before any
+    other jax call).
 
-    ``cpu_collectives="gloo"`` selects the CPU collectives implementation (multi-process runs on CPU)."""
+    Args:
+      coordinator_address: ``"host:port"`` of process 0, the same in every process.
+      num_processes: the number of processes.
+      process_id: this process's index in ``[0, num_processes)``.
+      cpu_collectives: the cross-process collectives of the CPU backend, ``"gloo"`` or ``"mpi"``
+        (``jax_cpu_collectives_implementation``); None keeps jax's default (gloo in jax 0.10).
+    """
     if cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

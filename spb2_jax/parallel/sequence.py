@@ -19,6 +19,8 @@ with padding tokens (id 0), which every op treats as no-ops, and the outputs are
 - Sliding window (``window_attention``): each shard receives the last ``window - 1`` keys / values (and their
   segment labels) of the tokens before it by ``ppermute`` (more than one hop when a shard is shorter than the
   window) and runs the local op on ``[halo | shard]``.
+- Decoding over a KV cache sharded along its slots (``cache_attention``): per-shard partial softmax combined by
+  log-sum-exp (``pmax`` / ``psum``), flash-decoding across devices.
 - Full causal attention and MoBA (``gathered_attention``): first version, K / V / queries all-gathered over the
   sequence and the local op run on the whole sequence, each shard keeping its rows. Exact, but O(T) memory per
   device and P-fold redundant compute; the ring versions replace it.
@@ -35,13 +37,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from jax.sharding import PartitionSpec
 
+from spb2_jax.ops.cached_attention import query_tile
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.segments import Segments, pad_time
 
 AXIS = "sequence"
 _HI = jax.lax.Precision.HIGHEST
+_MASKED = -1e30  # finite: a shard that sees no key of a row contributes exp(_MASKED - max) = 0
 
 
 def _context_shards(shards: int) -> None:
@@ -206,3 +211,69 @@ def gathered_attention(local: Callable, q, k, v, *, segments: Segments, shards: 
         return (jax.lax.dynamic_slice_in_dim(o, jax.lax.axis_index(AXIS) * L, L, axis=1),)
 
     return _sharded(shard, shards, (q, k, v, segments.ids, segments.labels, segments.positions))[0]
+
+
+# ---------------------------------------------------------------- attention over a sequence-sharded KV cache
+
+def _partial_attention(q, k, v, mask, scale):
+    """Unnormalised attention of ``q [B, t, N, H]`` over one shard's ``k, v [B, K, s, H]`` with ``mask``
+    (``[B, t, s]`` or ``[B, N, t, s]``): ``(max [B, N, t], sum [B, N, t], out [B, N, t, H])`` in the accumulation
+    dtype; a row with no visible key has max ``_MASKED`` and sum 0."""
+    B, t, N, H = q.shape
+    K = k.shape[1]
+    acc = acc_dtype(q, k, v)
+    qg = rearrange(q.astype(acc), "B t (K G) H -> B K G t H", K=K)
+    logits = jnp.einsum("BKGtH,BKsH->BKGts", qg, k.astype(acc), precision=_HI) * scale
+    mask = mask[:, None, None] if mask.ndim == 3 else rearrange(mask, "B (K G) t s -> B K G t s", K=K)
+    logits = jnp.where(mask, logits, _MASKED)
+    m = logits.max(-1)
+    w = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
+    o = jnp.einsum("BKGts,BKsH->BKGtH", w, v.astype(acc), precision=_HI)
+    flat = lambda x: rearrange(x, "B K G ... -> B (K G) ...")  # noqa: E731
+    return flat(m), flat(w.sum(-1)), flat(o)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_fn: Callable, qpos: jax.Array, *,
+                    shards: int) -> jax.Array:
+    """Attention of new queries over a position-indexed KV cache sharded along its slots (flash-decoding
+    across devices).
+
+    Each shard scores the queries against its own ``S / P`` slots (``mask_fn(q_tile, qpos_tile, slots)`` gives
+    the mask of those slot indices) and keeps the unnormalised partial ``(max, sum, out)``; the shards combine
+    them by log-sum-exp in float32: the global max by ``pmax``, then ``psum`` of the rescaled sums and outputs.
+    Nothing of size ``S`` moves between devices: per query ``N x (H + 2)`` values per shard.
+
+    Args:
+      q: ``[B, t, N, H]`` (replicated over ``sequence``); k, v: ``[B, K, S, H]`` (the ``KVCache`` layout, S a
+        multiple of ``shards``, sharded over ``sequence``); qpos: ``[B, t]`` positions (-1: padding query).
+    Returns:
+      ``[B, t, N, H]`` in ``q.dtype``; rows with no visible key are zero.
+    """
+    _context_shards(shards)
+    B, t, N, H = q.shape
+    scale = H ** -0.5
+    tile = query_tile(B, N, t, k.shape[2] // shards)
+
+    def shard(q, k, v, qpos):
+        S_loc = k.shape[2]
+        slots = jax.lax.axis_index(AXIS) * S_loc + jnp.arange(S_loc)
+
+        def one_tile(qt, pt):
+            m, l, o = _partial_attention(qt, k, v, mask_fn(qt, pt, slots), scale)
+            m_all = jax.lax.pmax(m, AXIS)
+            corr = jnp.exp(m - m_all)
+            l_all = jax.lax.psum(l * corr, AXIS)
+            o_all = jax.lax.psum(o * corr[..., None], AXIS)
+            out = jnp.where(l_all[..., None] > 0, o_all / jnp.where(l_all > 0, l_all, 1.0)[..., None], 0.0)
+            return rearrange(out, "B N t H -> B t N H").astype(q.dtype)
+
+        if tile >= t:
+            return one_tile(q, qpos)
+        qt = rearrange(pad_time(q, tile), "B (n t) N H -> n B t N H", t=tile)
+        pt = rearrange(pad_time(qpos, tile, value=-1), "B (n t) -> n B t", t=tile)
+        out = jax.lax.map(lambda a: one_tile(*a), (qt, pt))
+        return rearrange(out, "n B t N H -> B (n t) N H")[:, :t]
+
+    cache_spec = PartitionSpec(None, None, AXIS)
+    return jax.shard_map(shard, in_specs=(PartitionSpec(), cache_spec, cache_spec, PartitionSpec()),
+                         out_specs=PartitionSpec(), axis_names={AXIS}, check_vma=False)(q, k, v, qpos)
