@@ -3,7 +3,7 @@
 object ``{case: value}`` on its last line; the test asserts on it.
 
 Tasks:
-  ops                      every sequence-parallel mixer vs its 1-device twin on awkward segmentations
+  ops [OP...]              every (or the named) sequence-parallel mixer vs its 1-device twin on awkward segmentations
                            (forward and gradients; max relative error per case)
   forward FIXTURE:SPEC...  the sharded model forward of official fixtures vs the 1-device forward (float32)
   grads FIXTURE:SPEC...    loss and gradients w.r.t. every parameter, sharded vs 1 device, in float64
@@ -114,7 +114,7 @@ def _op_fns(x):
             "swa": (swa, att), "moba": (moba, att), "full": (full, att)}
 
 
-def task_ops() -> dict[str, float]:
+def task_ops(*only: str) -> dict[str, float]:
     """Per (op, P, T, segmentation): max relative error of the value and of every input gradient, in float64
     (where two correct evaluation orders agree to ~1e-15 of the result times the conditioning; a wrong summary,
     halo or segment cut is O(1))."""
@@ -130,6 +130,8 @@ def task_ops() -> dict[str, float]:
         x = jax.tree.map(lambda a: a.astype(jnp.float64), _inputs(T, seed=P + T))
         cases = _segment_cases(T, P) if T > 2 * P else {"one_segment": np.ones((2, T), np.int32)}
         for name, (fn, args) in _op_fns(x).items():
+            if only and name not in only:
+                continue
             vg = jax.value_and_grad(fn, argnums=tuple(range(2, len(args) + 2)))
             one = jax.jit(lambda seg, *a, vg=vg: vg(base, seg, *a))
             with use_rules(mesh):

@@ -46,9 +46,8 @@ def _attention_kw(kernels: Kernels, impl: str) -> dict:
 def full_attention(q, k, v, *, segments: Segments, kernels: Kernels) -> jax.Array:
     """Causal GQA attention inside segments."""
     if kernels.sequence_shards > 1:
-        return sequence.gathered_attention(lambda q, k, v, segments: full_attention(
-            q, k, v, segments=segments, kernels=_local(kernels)), q, k, v, segments=segments,
-            shards=kernels.sequence_shards)
+        return sequence.causal_ring_attention(q, k, v, segments=segments, shards=kernels.sequence_shards,
+                                              tile=kernels.block_size)
     if kernels.attention == "reference":
         return attention_reference(q, k, v, segment_ids=segments, causal=True)
     return causal_attention(q, k, v, segment_ids=segments, **_attention_kw(kernels, kernels.attention))

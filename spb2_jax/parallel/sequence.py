@@ -21,9 +21,12 @@ with padding tokens (id 0), which every op treats as no-ops, and the outputs are
   window) and runs the local op on ``[halo | shard]``.
 - Decoding over a KV cache sharded along its slots (``cache_attention``): per-shard partial softmax combined by
   log-sum-exp (``pmax`` / ``psum``), flash-decoding across devices.
-- Full causal attention and MoBA (``gathered_attention``): first version, K / V / queries all-gathered over the
-  sequence and the local op run on the whole sequence, each shard keeping its rows. Exact, but O(T) memory per
-  device and P-fold redundant compute; the ring versions replace it.
+- Full causal attention (``causal_ring_attention``): ring attention (``spb2_jax.parallel.ring``): K / V pass
+  around the ring by ``ppermute`` (the next hop issued before this step's compute), online softmax merged by
+  log-sum-exp, later shards and tiles above the diagonal skipped; the backward is a ring too. O(T / P) memory.
+- MoBA (``gathered_attention``): first version, K / V / queries all-gathered over the sequence and the local op
+  run on the whole sequence, each shard keeping its rows. Exact, but O(T) memory per device and P-fold redundant
+  compute; a ring version is still to come.
 
 Inside ``shard_map`` the value types are not checked (``check_vma=False``); every output is sharded (the final
 recurrent states are stacked per shard and the last one taken outside), so no gradient goes through a replicated
@@ -43,6 +46,7 @@ from jax.sharding import PartitionSpec
 from spb2_jax.ops.cached_attention import query_tile
 from spb2_jax.ops.dtypes import acc_dtype
 from spb2_jax.ops.segments import Segments, pad_time
+from spb2_jax.parallel.ring import ring_attention
 
 AXIS = "sequence"
 _HI = jax.lax.Precision.HIGHEST
@@ -199,7 +203,33 @@ def window_attention(local: Callable, q, k, v, *, window: int, segments: Segment
     return _sharded(shard, shards, (q, k, v, segments.ids, segments.labels, segments.positions))[0]
 
 
-# ---------------------------------------------------------------- full causal attention and MoBA
+# ---------------------------------------------------------------- full causal attention (ring)
+
+def _causal_segment_mask(q_meta, k_meta):
+    """Query sees key: same segment (label, 0 = padding) and key index <= query index (global)."""
+    (ql, qi), (kl, ki) = q_meta, k_meta
+    return (ql[:, :, None] == kl[:, None, :]) & (ql[:, :, None] != 0) & (ki[:, None, :] <= qi[:, :, None])
+
+
+def _earlier_or_same_shard(p, src):
+    return src <= p
+
+
+def causal_ring_attention(q, k, v, *, segments: Segments, shards: int, tile: int = 128) -> jax.Array:
+    """Sequence-parallel full causal attention inside segments by ring attention (``spb2_jax.parallel.ring``):
+    K / V pass shard to shard, shards after this one are skipped (causal), tiles above the diagonal too."""
+
+    def shard(q, k, v, labels):
+        L = q.shape[1]
+        idx = jnp.broadcast_to(jax.lax.axis_index(AXIS) * L + jnp.arange(L, dtype=jnp.int32), labels.shape)
+        meta = (labels, idx)
+        return (ring_attention(q, k, v, meta, meta, mask_fn=_causal_segment_mask, visible=_earlier_or_same_shard,
+                               shards=shards, tile=tile),)
+
+    return _sharded(shard, shards, (q, k, v, segments.labels))[0]
+
+
+# ---------------------------------------------------------------- MoBA
 
 def gathered_attention(local: Callable, q, k, v, *, segments: Segments, shards: int) -> jax.Array:
     """Sequence-parallel ``local(q, k, v, segments=) -> o`` by all-gathering the sequence (first version)."""
