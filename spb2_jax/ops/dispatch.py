@@ -70,9 +70,8 @@ def window_attention(q, k, v, *, window: int | None, segments: Segments, kernels
 def moba(q, k, v, *, chunk_size: int, topk: int, segments: Segments, kernels: Kernels) -> jax.Array:
     """MoBA block-sparse attention."""
     if kernels.sequence_shards > 1:
-        return sequence.gathered_attention(lambda q, k, v, segments: moba(
-            q, k, v, chunk_size=chunk_size, topk=topk, segments=segments, kernels=_local(kernels)), q, k, v,
-            segments=segments, shards=kernels.sequence_shards)
+        return sequence.moba_ring_attention(q, k, v, chunk_size=chunk_size, topk=topk, segments=segments,
+                                            shards=kernels.sequence_shards, tile=kernels.block_size)
     if kernels.moba == "reference":
         return moba_attention_reference(q, k, v, chunk_size=chunk_size, topk=topk, segment_ids=segments)
     kw = _attention_kw(kernels, kernels.moba)

@@ -24,9 +24,10 @@ with padding tokens (id 0), which every op treats as no-ops, and the outputs are
 - Full causal attention (``causal_ring_attention``): ring attention (``spb2_jax.parallel.ring``): K / V pass
   around the ring by ``ppermute`` (the next hop issued before this step's compute), online softmax merged by
   log-sum-exp, later shards and tiles above the diagonal skipped; the backward is a ring too. O(T / P) memory.
-- MoBA (``gathered_attention``): first version, K / V / queries all-gathered over the sequence and the local op
-  run on the whole sequence, each shard keeping its rows. Exact, but O(T) memory per device and P-fold redundant
-  compute; a ring version is still to come.
+- MoBA (``moba_ring_attention``): the key sums of the complete blocks are combined by ``psum`` (``T / C x K x H``,
+  small), each shard selects the blocks of its own queries exactly as the 1-device op, then the ring with the
+  per-token MoBA mask; key tiles no query of a tile selected are skipped. ``gathered_attention`` (K / V / queries
+  all-gathered, the local op on the whole sequence) is the first version, kept as the simple twin.
 
 Inside ``shard_map`` the value types are not checked (``check_vma=False``); every output is sharded (the final
 recurrent states are stacked per shard and the last one taken outside), so no gradient goes through a replicated
@@ -229,7 +230,95 @@ def causal_ring_attention(q, k, v, *, segments: Segments, shards: int, tile: int
     return _sharded(shard, shards, (q, k, v, segments.labels))[0]
 
 
-# ---------------------------------------------------------------- MoBA
+# ---------------------------------------------------------------- MoBA (ring)
+
+def _complete_block_sums(k, labels, positions, chunk_size: int, shards: int):
+    """Key sums of every complete MoBA block of the whole rows, ``[B, nb, K, H]`` (``nb = T // C``, the most
+    complete blocks T tokens can hold; blocks numbered in order along the row), and the number of complete
+    blocks ending before each local token, ``[B, L]``.
+
+    A block is complete iff it holds a token at position ``C - 1`` of its block (its end marker); only complete
+    blocks can be selected (a query picks strictly earlier blocks of its own segment). Each shard adds its keys to
+    their block's slot and the slots are ``psum`` med: ``nb x K x H`` per shard, not T-sized.
+    """
+    B, L = labels.shape
+    C = chunk_size
+    nb = max(L * shards // C, 1)
+    p = jax.lax.axis_index(AXIS)
+    real = labels != 0
+    end = real & (positions % C == C - 1)
+    counts = jax.lax.all_gather(end.sum(axis=1, dtype=jnp.int32), AXIS)  # [P, B]
+    base = jnp.sum(jnp.where((jnp.arange(shards) < p)[:, None], counts, 0), axis=0)  # [B]
+    before = base[:, None] + jnp.cumsum(end, axis=1, dtype=jnp.int32) - end  # markers strictly before t
+    # the label of each complete block (from its end marker); a token belongs to block ``before`` iff labels match
+    block_label = jax.vmap(lambda lab, i: jnp.zeros((nb + 1,), jnp.int32).at[i].max(lab))(
+        labels, jnp.where(end, before, nb))
+    block_label = jax.lax.pmax(block_label, AXIS)[:, :nb]
+    member = real & (before < nb) & (jnp.take_along_axis(block_label, jnp.minimum(before, nb - 1), axis=1) == labels)
+    acc = acc_dtype(k)
+    slot = jnp.where(member, before, nb)
+    sums = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=nb + 1))(k.astype(acc), slot)[:, :nb]
+    return jax.lax.psum(sums, AXIS), before
+
+
+def _moba_select(q, means, first, blk, topk: int, tile: int = 64):
+    """Top-(k-1) strictly earlier blocks of each local query, ``[B, L, N, k-1]`` segment-relative indices (-1 =
+    none): ``gate = q . mean`` over the complete blocks ``first .. first + blk - 1`` of the query's segment (ties
+    pick the lower block), as ``spb2_jax.ops.moba_blockwise.moba_select_blocks``."""
+    B, L, N, H = q.shape
+    nb, K = means.shape[1], means.shape[2]
+    R = topk - 1
+    n_pick = min(R, nb)
+    t = max(1, min(tile, L))
+    acc = acc_dtype(q, means)
+
+    def one_tile(args):
+        qt, ft, bt = args
+        qg = rearrange(qt.astype(acc), "B t (K G) H -> B t K G H", K=K)
+        gate = rearrange(jnp.einsum("BtKGH,BnKH->BtKGn", qg, means, precision=_HI), "B t K G n -> B t (K G) n")
+        n = jnp.arange(nb)
+        earlier = (n >= ft[..., None]) & (n < (ft + bt)[..., None])  # [B, t, nb]
+        val, idx = jax.lax.top_k(jnp.where(earlier[:, :, None], gate, -jnp.inf), n_pick)
+        return jnp.where(val > -jnp.inf, idx - ft[:, :, None, None], -1).astype(jnp.int32)
+
+    tiles = (rearrange(pad_time(q, t), "B (n t) N H -> n B t N H", t=t), rearrange(pad_time(first, t), "B (n t) -> n B t", t=t),
+             rearrange(pad_time(blk, t), "B (n t) -> n B t", t=t))
+    sel = rearrange(jax.lax.map(one_tile, tiles), "n B t N r -> B (n t) N r")[:, :L]
+    if n_pick < R:
+        sel = jnp.concatenate([sel, jnp.full(sel.shape[:-1] + (R - n_pick,), -1, jnp.int32)], axis=-1)
+    return sel
+
+
+def _moba_mask(q_meta, k_meta):
+    """Query sees key: same segment, causal, and the key's block is the query's own block or one it selected
+    (``[B, N, t, s]``)."""
+    (ql, qi, qb, sel), (kl, ki, kb) = q_meta, k_meta
+    base = (ql[:, :, None] == kl[:, None, :]) & (ql[:, :, None] != 0) & (ki[:, None, :] <= qi[:, :, None])
+    block = qb[:, :, None] == kb[:, None, :]  # [B, t, s]
+    picked = jnp.any(sel[:, :, :, :, None] == kb[:, None, None, None, :], axis=3)  # [B, t, N, s]
+    return rearrange((base & block)[:, :, None] | (base[:, :, None] & picked), "B t N s -> B N t s")
+
+
+def moba_ring_attention(q, k, v, *, chunk_size: int, topk: int, segments: Segments, shards: int,
+                        tile: int = 128) -> jax.Array:
+    """Sequence-parallel MoBA: complete blocks' key sums combined by ``psum`` (``T / C x K x H``), each shard
+    selects the blocks of its own queries, then ring attention with the per-token MoBA mask (tile pairs that no
+    query of the tile selected are skipped)."""
+
+    def shard(q, k, v, labels, positions):
+        L = q.shape[1]
+        sums, before = _complete_block_sums(jax.lax.stop_gradient(k), labels, positions, chunk_size, shards)
+        blk = positions // chunk_size
+        sel = _moba_select(jax.lax.stop_gradient(q), sums / chunk_size, before - blk, blk, topk)
+        idx = jnp.broadcast_to(jax.lax.axis_index(AXIS) * L + jnp.arange(L, dtype=jnp.int32), labels.shape)
+        blk = jnp.where(labels != 0, blk, -1)
+        return (ring_attention(q, k, v, (labels, idx, blk, sel), (labels, idx, blk), mask_fn=_moba_mask,
+                               visible=_earlier_or_same_shard, shards=shards, tile=tile),)
+
+    return _sharded(shard, shards, (q, k, v, segments.labels, segments.positions))[0]
+
+
+# ---------------------------------------------------------------- MoBA (all-gather, first version)
 
 def gathered_attention(local: Callable, q, k, v, *, segments: Segments, shards: int) -> jax.Array:
     """Sequence-parallel ``local(q, k, v, segments=) -> o`` by all-gathering the sequence (first version)."""
