@@ -35,6 +35,7 @@ ELEMENT_BYTES = {
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*(?:e[0-9]+m[0-9]+\w*)?)\[(?P<dims>[^\]]*)\]")
 _OPCODE = re.compile(r"^\s*(?P<opcode>[a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,14 @@ class Collective:
       name: the instruction's name (of the ``*-done`` for an asynchronous pair).
       shapes: the result's arrays as ``(dtype, dims)`` (several for a tuple result).
       nbytes: bytes of the result on one device.
+      op_name: the JAX operation it came from (``metadata={op_name=...}``; "" when the text has no metadata).
     """
 
     kind: str
     name: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     nbytes: int
+    op_name: str = ""
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -115,7 +118,9 @@ def collectives(hlo_text: str) -> list[Collective]:
         if kind not in COLLECTIVES:
             continue  # includes "*-start" (counted at its "*-done") and async-start / async-done wrappers
         shapes = parse_shapes(type_text)
-        out.append(Collective(kind=kind, name=m["name"], shapes=shapes, nbytes=shapes_bytes(shapes)))
+        op_name = _OP_NAME.search(after)
+        out.append(Collective(kind=kind, name=m["name"], shapes=shapes, nbytes=shapes_bytes(shapes),
+                              op_name=op_name["op_name"] if op_name else ""))
     return out
 
 
@@ -138,3 +143,8 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
 def all_gather_shapes(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
     """The result arrays ``(dtype, dims)`` of every all-gather (one entry per array of a tuple result)."""
     return [s for c in collectives(hlo_text) if c.kind == "all-gather" for s in c.shapes]
+
+
+def all_gathers(hlo_text: str) -> list[Collective]:
+    """Every all-gather instruction (shapes, bytes and the JAX op it came from)."""
+    return [c for c in collectives(hlo_text) if c.kind == "all-gather"]
