@@ -126,8 +126,13 @@ class Model:
         if not as_text and any(isinstance(p, str) for p in prompts):
             raise ValueError("prompts mixes strings and token-id lists; give one kind")
         rows = [self.encode(p) for p in prompts] if as_text else [[int(t) for t in p] for p in prompts]
-        out = generate_ids(self.params, self.config, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, options=self.options)
+        run = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop_tokens=stop_tokens, options=self.options)
+        if self.mesh is None:
+            out = generate_ids(self.params, self.config, rows, **run)
+        else:  # sequence-sharded prefill; the K/V caches stay sharded along the sequence while decoding
+            with use_rules(self.mesh):
+                out = generate_ids(self.params, self.config, rows, **run)
         seqs = out.sequences()
         return [self.decode(s) for s in seqs] if as_text else seqs
 

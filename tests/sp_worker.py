@@ -244,6 +244,10 @@ def task_decode(*pairs: str) -> dict[str, float]:
             keep[:, T0:] = True  # decode steps: every row's token is real
             assert valid[:, T0:].all(), "the decoded tail must have no padding"
             out[f"{name}-{spec}"] = rel(got[keep], ref[keep])
+            # Model.generate under the mesh (sharded prefill, sharded cache): the same greedy tokens
+            prompts = [ids[0, :37].tolist(), ids[1, 50:61].tolist()]
+            want = spb2.load_pretrained(fixture_dir(name)).generate(prompts, max_new_tokens=6)
+            out[f"{name}-{spec}-generate-mismatch"] = float(model.generate(prompts, max_new_tokens=6) != want)
     return out
 
 

@@ -92,10 +92,11 @@ def test_sharded_gradients_equal_one_device():
 def test_cached_decode_after_a_sharded_prefill_equals_one_device():
     """Prefill of 85 tokens (not a multiple of the shard counts) into a KV cache sharded over ``sequence`` (the
     worker asserts the sharding), then teacher-forced decode steps combining the shards' partial softmax by
-    log-sum-exp; every real token's logits vs the 1-device no-cache forward. MoBA + full + SSE-GDN (tiny), left
+    log-sum-exp; every real token's logits vs the 1-device no-cache forward; ``Model.generate`` under the mesh
+    gives the 1-device greedy tokens. MoBA + full + SSE-GDN (tiny), left
     padding (tiny-leftpad), GLA (tiny-gla-mask). Without the log-sum-exp rescaling the error is ~0.5 (checked)."""
     errors = _worker("decode", "tiny:sequence=4", "tiny-leftpad:data=2,sequence=4", "tiny-gla-mask:sequence=8")
-    assert len(errors) == 3
+    assert len(errors) == 6  # each also checks Model.generate under the mesh: the same greedy tokens (mismatch 0)
     bad = {case: err for case, err in errors.items() if not err <= 1e-5}
     assert not bad, bad
 
