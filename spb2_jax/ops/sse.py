@@ -34,9 +34,16 @@ _REFERENCE = Kernels.resolve("reference")
 
 
 def topk_mask(p: jax.Array, k: int) -> jax.Array:
-    """Boolean mask of the top-``k`` entries of ``p`` over the last axis (ties: lower index first)."""
-    _, idx = jax.lax.top_k(p, k)
-    return jax.nn.one_hot(idx, p.shape[-1], dtype=bool).any(-2)
+    """Boolean mask of the top-``k`` entries of ``p`` over the last axis (ties: lower index first).
+
+    By rank, not ``lax.top_k``: entry i is kept when fewer than ``k`` entries beat it (larger, or equal at a lower
+    index) -- the same choice as ``top_k``, elementwise over the other axes. (XLA's SPMD partitioner all-gathers a
+    ``top_k`` operand that is sharded over time, a T-sized collective in every SSE layer under sequence
+    parallelism; P partitions make this ``P^2`` comparisons per token.)"""
+    i = jnp.arange(p.shape[-1])
+    pi, pj = p[..., :, None], p[..., None, :]
+    beats = (pj > pi) | ((pj == pi) & (i[None, :] < i[:, None]))  # [..., i, j]: j beats i
+    return jnp.sum(beats, axis=-1) < k
 
 
 def sse_route(logits: jax.Array, num_writer: int, num_reader: int) -> tuple[jax.Array, jax.Array, jax.Array]:
