@@ -3,12 +3,14 @@
 object ``{case: value}`` on its last line; the test asserts on it.
 
 Tasks:
-  ops [OP...]              every (or the named) sequence-parallel mixer vs its 1-device twin on awkward segmentations
-                           (forward and gradients; max relative error per case)
+  ops [P:T...]             every sequence-parallel mixer vs its 1-device twin on awkward segmentations at each
+                           (shards, length) point (default: all of GRID); forward and gradients, max relative
+                           error per case
   forward FIXTURE:SPEC...  the sharded model forward of official fixtures vs the 1-device forward (float32)
   grads FIXTURE:SPEC...    loss and gradients w.r.t. every parameter, sharded vs 1 device, in float64
-  decode FIXTURE:SPEC...   sharded prefill of a prompt then teacher-forced cached decode steps vs the 1-device
-                           no-cache forward (float32)
+  decode FIXTURE:SPEC[:generate]...
+                           sharded prefill of a prompt then teacher-forced cached decode steps vs the 1-device
+                           no-cache forward (float32); with ``:generate`` also ``Model.generate`` under the mesh
   errors                   the error message of each bad input (unknown axis, wrong sizes, batch vs data)
 """
 
@@ -86,6 +88,9 @@ def _inputs(T: int, seed: int = 0):
 
 
 OP_WINDOW, OP_CHUNK, OP_TOPK = 7, 4, 2
+# (P, T): T = 37 is not a multiple of any P; P = 8 gives 5-token shards, shorter than the SWA window (7) and than
+# two MoBA blocks; T = P: one token per shard
+GRID = ((2, 37), (4, 37), (8, 37), (4, 4))
 
 
 def _op_fns(x):
@@ -114,7 +119,7 @@ def _op_fns(x):
             "swa": (swa, att), "moba": (moba, att), "full": (full, att)}
 
 
-def task_ops(*only: str) -> dict[str, float]:
+def task_ops(*points: str) -> dict[str, float]:
     """Per (op, P, T, segmentation): max relative error of the value and of every input gradient, in float64
     (where two correct evaluation orders agree to ~1e-15 of the result times the conditioning; a wrong summary,
     halo or segment cut is O(1))."""
@@ -122,16 +127,13 @@ def task_ops(*only: str) -> dict[str, float]:
     jax.config.update("jax_disable_most_optimizations", True)  # many small programs: compile time dominates
     out = {}
     base = Kernels.resolve("xla", dtype="float64", chunk_size=OP_CHUNK, block_size=4)
-    # T = 37: not a multiple of any P; P = 8 gives 5-token shards, shorter than the SWA window (7) and than two
-    # MoBA blocks; T = P: one token per shard
-    for P, T in ((2, 37), (4, 37), (8, 37), (4, 4)):
+    grid = [tuple(map(int, p.split(":"))) for p in points] or GRID
+    for P, T in grid:
         mesh = mesh_for(f"sequence={P}")
         sharded = dataclasses.replace(base, sequence_shards=P)
         x = jax.tree.map(lambda a: a.astype(jnp.float64), _inputs(T, seed=P + T))
         cases = _segment_cases(T, P) if T > 2 * P else {"one_segment": np.ones((2, T), np.int32)}
         for name, (fn, args) in _op_fns(x).items():
-            if only and name not in only:
-                continue
             vg = jax.value_and_grad(fn, argnums=tuple(range(2, len(args) + 2)))
             one = jax.jit(lambda seg, *a, vg=vg: vg(base, seg, *a))
             with use_rules(mesh):
@@ -222,10 +224,12 @@ def task_decode(*pairs: str) -> dict[str, float]:
     for name, specs in _pairs(pairs).items():
         ids, _, mask = _fixture(name)
         B, T = ids.shape
+        want = None
         ref = np.asarray(spb2.load_pretrained(fixture_dir(name))(ids, mask).logits)
         valid = np.ones((B, T), bool) if mask is None else mask.astype(bool)
         T0 = T - 5  # prompt length: not a multiple of the shard counts for the fixtures' T
         for spec in specs:
+            spec, _, with_generate = spec.partition(":")
             mesh = mesh_for(spec)
             model = spb2.load_pretrained(fixture_dir(name), mesh=mesh)
             with use_rules(mesh):
@@ -244,10 +248,12 @@ def task_decode(*pairs: str) -> dict[str, float]:
             keep[:, T0:] = True  # decode steps: every row's token is real
             assert valid[:, T0:].all(), "the decoded tail must have no padding"
             out[f"{name}-{spec}"] = rel(got[keep], ref[keep])
-            # Model.generate under the mesh (sharded prefill, sharded cache): the same greedy tokens
-            prompts = [ids[0, :37].tolist(), ids[1, 50:61].tolist()]
-            want = spb2.load_pretrained(fixture_dir(name)).generate(prompts, max_new_tokens=6)
-            out[f"{name}-{spec}-generate-mismatch"] = float(model.generate(prompts, max_new_tokens=6) != want)
+            if with_generate:  # Model.generate under the mesh (sharded prefill, sharded cache): the same tokens
+                assert with_generate == "generate", with_generate
+                prompts = [ids[0, :37].tolist(), ids[1, 50:61].tolist()]
+                if want is None:
+                    want = spb2.load_pretrained(fixture_dir(name)).generate(prompts, max_new_tokens=6)
+                out[f"{name}-{spec}-generate-mismatch"] = float(model.generate(prompts, max_new_tokens=6) != want)
     return out
 
 

@@ -55,14 +55,18 @@ def test_bad_inputs_get_one_clear_error_each():
     assert errors["batch_vs_data"] == "batch size 3 is not divisible by the mesh's data x fsdp = 2 shards"
 
 
-def test_each_sequence_parallel_mixer_equals_its_one_device_twin():
-    """GDN, GLA, SWA, MoBA and full attention, values and gradients, P = 2, 4, 8 at T = 37 (no P divides it;
-    P = 8: shards of 5 < the SWA window 7 and < 2 MoBA blocks) and T = P = 4; segment boundary at a shard
-    boundary, a segment over >= 3 shards, a length-1 segment at a shard start, left / right / inner padding."""
-    errors = _worker("ops")
-    assert len(errors) == 5 * (3 * 3 + 1)
+def _check_ops(points):
+    errors = _worker("ops", *points)
+    assert len(errors) == 5 * sum(1 if p == "4:4" else 3 for p in points)  # 5 ops x the segmentations of a point
     bad = {case: err for case, err in errors.items() if not err <= TOL_X64}
     assert not bad, bad
+
+
+def test_each_sequence_parallel_mixer_equals_its_one_device_twin():
+    """GDN, GLA, SWA, MoBA and full attention, values and gradients, P = 4, 8 at T = 37 (no P divides it;
+    P = 8: shards of 5 < the SWA window 7 and < 2 MoBA blocks) and T = P = 4; segment boundary at a shard
+    boundary, a segment over >= 3 shards, a length-1 segment at a shard start, left / right / inner padding."""
+    _check_ops(["4:37", "8:37", "4:4"])
 
 
 def _check_forward(pairs):
@@ -89,16 +93,20 @@ def test_sharded_gradients_equal_one_device():
     _check_grads(["tiny:fsdp=2,sequence=4"])
 
 
+def _check_decode(pairs):
+    errors = _worker("decode", *pairs)
+    assert len(errors) == len(pairs) + sum(p.endswith(":generate") for p in pairs)
+    bad = {case: err for case, err in errors.items() if not err <= 1e-5}  # generate: mismatch 0.0
+    assert not bad, bad
+
+
 def test_cached_decode_after_a_sharded_prefill_equals_one_device():
     """Prefill of 85 tokens (not a multiple of the shard counts) into a KV cache sharded over ``sequence`` (the
     worker asserts the sharding), then teacher-forced decode steps combining the shards' partial softmax by
     log-sum-exp; every real token's logits vs the 1-device no-cache forward; ``Model.generate`` under the mesh
-    gives the 1-device greedy tokens. MoBA + full + SSE-GDN (tiny), left
-    padding (tiny-leftpad), GLA (tiny-gla-mask). Without the log-sum-exp rescaling the error is ~0.5 (checked)."""
-    errors = _worker("decode", "tiny:sequence=4", "tiny-leftpad:data=2,sequence=4", "tiny-gla-mask:sequence=8")
-    assert len(errors) == 6  # each also checks Model.generate under the mesh: the same greedy tokens (mismatch 0)
-    bad = {case: err for case, err in errors.items() if not err <= 1e-5}
-    assert not bad, bad
+    gives the 1-device greedy tokens. MoBA + full + SSE-GDN (tiny), GLA with the mask form (tiny-gla-mask); left
+    padding with a data axis in the slow test. Without the log-sum-exp rescaling the error is ~0.5 (checked)."""
+    _check_decode(["tiny:sequence=4:generate", "tiny-gla-mask:sequence=8"])
 
 
 @pytest.mark.slow(reason="every fixture x every mesh spec (the default selection covers each once)")
@@ -109,3 +117,13 @@ def test_sharded_forward_full_matrix():
 @pytest.mark.slow(reason="gradients for every fixture x every mesh spec (the default selection: tiny, one spec)")
 def test_sharded_gradients_full_matrix():
     _check_grads(ALL_PAIRS)
+
+
+@pytest.mark.slow(reason="the mixers at P = 2 (the default selection: P = 4, 8 and T = P)")
+def test_each_sequence_parallel_mixer_at_two_shards():
+    _check_ops(["2:37"])
+
+
+@pytest.mark.slow(reason="decode and generate for left padding under data=2,sequence=4 (default: tiny, tiny-gla-mask)")
+def test_cached_decode_left_padding_with_a_data_axis():
+    _check_decode(["tiny-leftpad:data=2,sequence=4:generate", "tiny-gla-mask:fsdp=2,sequence=4:generate"])
