@@ -44,3 +44,23 @@ def pallas_target(request, monkeypatch):
     yield request.param
     tpu = request.param == "mosaic_tpu"
     assert names and all(n.endswith("_tpu") == tpu for n in names), names
+
+
+# Tests of the default selection that run 20-90 s on the 2-core CI machine (subprocesses with 8 forced devices or
+# two jax.distributed processes, the README notebook, a program compiled with and without a fusion). They are
+# started first: with pytest-xdist's load scheduling in collection order, they otherwise come last (these modules
+# sort late) and one worker runs them alone while the other idles, ~2 minutes of a CI run.
+LONG_FIRST = (
+    "tests/test_sequence_parallel.py",
+    "tests/test_multihost.py",
+    "tests/test_parallel_hlo.py",
+    "tests/test_readme.py::test_use_section_runs_as_written",
+    "tests/test_xla_cpu_miscompile.py",
+    "tests/test_generate.py::test_prefill_pieces_and_token_by_token_agree_float64",
+    "tests/test_model_grad.py::test_directional_derivative_matches_central_difference_float64",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Moves the ``LONG_FIRST`` tests to the front, keeping the order within both groups (a stable sort)."""
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))
