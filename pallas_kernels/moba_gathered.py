@@ -313,7 +313,7 @@ def _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret)
 
 # ----------------------------------------------------------------------------------------------- attention
 
-def _merge(o_a, lse_a, o_g, lse_g, rows):
+def merge_parts(o_a, lse_a, o_g, lse_g, rows):
     """Per token, the softmax over both parts: ``(o [B, T, N, H] float32, lse [B, N, T])`` from part A's ``o_a
     [B, T, N, H]``, ``lse_a [B, N, T]`` and part B's rows (padding tokens: part A's 0 and 0)."""
     T = o_a.shape[1]
@@ -363,7 +363,7 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
         q_h, k_h, v_h, sel_h, o_h, lse_h = x
         sr = selected_block_rows(sel_h, seg, pos, chunk, block)
         o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, interpret)
-        return _merge(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
+        return merge_parts(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
 
     o, lse, sr = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
                                            _by_kv_head(sel, K), _by_kv_head(o_a, K), _stats_by_kv_head(lse_a, K)))

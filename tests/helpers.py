@@ -337,3 +337,16 @@ def attention_ops(name, seg, tile, target, **kw):
         return (op(x["q"], x["k"], x["v"], segment_ids=seg, block_size=tile, impl=impl, **pallas, **kw),)
 
     return functools.partial(run, "pallas", interpret=True, target=target), functools.partial(run, "xla")
+
+
+def awkward_moba_selection(case, C, R):
+    """A selection as a caller might hand it in: random block indices from -1 up to past the own block, with
+    repeats — the own block, later blocks and repeats must add nothing (the dense mask's meaning)."""
+    B, T, N = case[:3]
+    rng = rng_for("awkward-sel", case, C, R)
+    seg = jnp.asarray(make_segment_ids(B, T, case[6]))
+    own = np.asarray(ops.segment_positions(seg)) // C
+    sel = rng.integers(-1, own.max() + 2, size=(B, T, N, R))
+    sel[..., -1] = sel[..., 0]  # a repeat in every row
+    sel[:, ::3, :, 0] = own[:, ::3, None]  # the own block
+    return jnp.asarray(sel, jnp.int32), seg

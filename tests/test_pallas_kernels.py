@@ -36,7 +36,7 @@ from spb2_jax.ops.attention import attention_reference
 from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
 from spb2_jax.ops.moba_blockwise import moba_select_blocks
 from spb2_jax.ops.segments import segment_labels, segment_positions
-from tests.helpers import (BF16_GRAD_RTOL, BF16_OUT_RTOL, BF16_U, F32_ATOL, attention_ops, check, compare,
+from tests.helpers import (BF16_GRAD_RTOL, awkward_moba_selection, BF16_OUT_RTOL, BF16_U, F32_ATOL, attention_ops, check, compare,
                            gdn_inputs, kernel_case_id, kernel_inputs, make_segment_ids, params, randn, rng_for,
                            shape_id)
 
@@ -206,19 +206,6 @@ def test_core_equals_its_dense_twin():
 ALGO_CASES = [(2, 64, 4, 2, 32, 16, "varlen"), SHORT, (1, 1, 2, 1, 32, 16, "single"), (2, 40, 8, 2, 32, 32, "leftpad")]
 
 
-def _awkward_selection(case, C, R):
-    """A selection as a caller might hand it in: random block indices from -1 up to past the own block, with
-    repeats — the own block, later blocks and repeats must add nothing (the dense mask's meaning)."""
-    B, T, N = case[:3]
-    rng = rng_for("awkward-sel", case, C, R)
-    seg = jnp.asarray(make_segment_ids(B, T, case[6]))
-    own = np.asarray(segment_positions(seg)) // C
-    sel = rng.integers(-1, own.max() + 2, size=(B, T, N, R))
-    sel[..., -1] = sel[..., 0]  # a repeat in every row
-    sel[:, ::3, :, 0] = own[:, ::3, None]  # the own block
-    return jnp.asarray(sel, jnp.int32), seg
-
-
 @pytest.mark.parametrize("algorithm", ["gathered", "union"])
 @pytest.mark.parametrize("case", params([(c,) for c in ALGO_CASES], map(kernel_case_id, ALGO_CASES),
                                         lambda c: c[1] == 64 or c == SHORT))
@@ -226,7 +213,7 @@ def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
     """``moba_flash_attention`` (both algorithms, GPU style) on a hand-made selection with -1, repeats, the own
     block and later blocks vs ``block_sparse_attention_reference`` (dense mask): forward and gradients."""
     C, R = 8, 3
-    sel, seg = _awkward_selection(case, C, R)
+    sel, seg = awkward_moba_selection(case, C, R)
     inputs, _ = kernel_inputs(case)
     labels, pos = segment_labels(seg), segment_positions(seg)
     scale = case[4] ** -0.5

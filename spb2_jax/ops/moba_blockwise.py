@@ -1,14 +1,18 @@
-"""Blockwise MoBA: per-token block selection, then flash-style attention that visits only selected key tiles.
+"""Blockwise MoBA: per-token block selection, then attention over the selected blocks only.
 
 1. Selection (``moba_select_blocks``): block means of the keys per (segment, block) with a segment sum
    (``O(T)``), then, one query tile at a time, ``gate = q . mean`` over the earlier blocks of the query's
    segment and their top-(k-1): compact index lists ``[B, T, N, k-1]`` (segment-relative block indices,
    -1 = none). Memory ``O(tile * T / C)`` per step.
-2. Attention (``moba_attention``): for every (query tile, key tile) pair a boolean "needed" table is built from
-   the index lists (own block and selected blocks of any token/head of the query tile). A ``lax.scan`` over key
-   tiles with ``lax.cond`` computes only needed pairs with an online softmax (float32 statistics) and the exact
-   per-token mask. Memory ``O(T * k * C)`` at most, never ``O(T^2)``; each query tile is under
-   ``jax.checkpoint`` so reverse mode recomputes it instead of storing every pair's probabilities.
+2. Attention (``moba_attention``), by default in gathered form (``spb2_jax.ops.moba_gathered``: the own-block band
+   plus the selected (token, block) pairs grouped by block; work ``T (C + (k - 1) C)`` per head). The
+   ``algorithm="union"`` tile loop here (also the XLA full causal attention, ``causal_attention``): for every
+   (query tile, key tile) pair a boolean "needed" table is built from the index lists (own block and selected
+   blocks of any token/head of the query tile); a ``lax.scan`` over key tiles with ``lax.cond`` computes only
+   needed pairs with an online softmax (float32 statistics) and the exact per-token mask. On real selections the
+   union of a query tile's blocks is most of the causal prefix, so this is close to dense causal work; for full
+   causal attention it skips exactly the tiles above the diagonal. Each query tile is under ``jax.checkpoint``
+   so reverse mode recomputes it instead of storing every pair's probabilities.
 
 Every ``jax.checkpoint`` inside a loop here and in the chunked recurrences uses ``prevent_cse=False`` (the
 loop already prevents CSE): with the default optimisation barriers, gradients of models with several such
@@ -29,6 +33,7 @@ from pallas_kernels.block_sparse_flash import BlockSizes
 from pallas_kernels.moba import moba_flash_attention
 from pallas_kernels.sliding_window import causal_flash_attention
 from spb2_jax.ops.dtypes import acc_dtype
+from spb2_jax.ops.moba_gathered import moba_gathered_attention
 from spb2_jax.ops.segments import Segments, as_segments, pad_time
 
 _MASKED = -1e30
@@ -146,10 +151,13 @@ def moba_attention(
       chunk_size: MoBA block size C; topk: blocks per query token (own block included).
       segment_ids: ``[B, T]`` ids (0 = padding) or a ``Segments``; blocks restart at every segment start.
       scale: default ``H ** -0.5``. block_size: query/key tile size of the attention loop.
-      impl: ``"xla"`` (tile loop below) or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same
-        selection; its tile is ``block_size`` rounded to a power of two, at most 128).
-      interpret, target, algorithm: the Pallas kernels' mode, target and MoBA algorithm (``"gathered"``: work =
-        the selected pairs, GPU style only; ``"union"``; None: by target) — see ``spb2_jax.options.Kernels``.
+      impl: ``"xla"`` or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same selection; its tile
+        is ``block_size`` rounded to a power of two, at most 128).
+      algorithm: ``"gathered"`` (work = the own-block band + the selected (token, block) pairs:
+        ``spb2_jax.ops.moba_gathered`` for XLA, GPU style only for Pallas), ``"union"`` (per query tile, the union
+        of the key tiles its tokens selected: the tile loop below for XLA), None: ``"gathered"`` for XLA, by
+        target for Pallas (see ``spb2_jax.options.Kernels``).
+      interpret, target: the Pallas kernels' mode and target.
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
     """
@@ -161,6 +169,8 @@ def moba_attention(
         raise ValueError(f"{chunk_size=} and {topk=} must be positive")
     if impl not in ("xla", "pallas"):
         raise ValueError(f"impl={impl!r} must be 'xla' or 'pallas'")
+    if algorithm not in (None, "gathered", "union"):
+        raise ValueError(f"algorithm={algorithm!r} must be 'gathered', 'union' or None")
     seg = as_segments(segment_ids, B, T)
     scale = H ** -0.5 if scale is None else scale
     C = chunk_size
@@ -172,6 +182,9 @@ def moba_attention(
         return moba_flash_attention(q, k, v, sel=sel, seg=seg.labels, pos=seg.positions, chunk_size=C, scale=scale,
                                     block_sizes=BlockSizes.from_request(block_size, T), interpret=interpret,
                                     target=target, algorithm=algorithm)
+    if algorithm != "union":
+        return moba_gathered_attention(q, k, v, sel, chunk_size=C, segment_ids=seg, scale=scale,
+                                       block_size=block_size)
     real = seg.real
     blk = seg.positions // C
     seg_start, seg_end = _segment_bounds(seg)
@@ -248,5 +261,5 @@ def causal_attention(
                                       block_sizes=BlockSizes.from_request(block_size, T), interpret=interpret,
                                       target=target)
     return moba_attention(q, k, v, chunk_size=max(T, 1), topk=1, segment_ids=seg, scale=scale,
-                          block_size=block_size, impl=impl)
+                          block_size=block_size, impl=impl, algorithm="union")
 
