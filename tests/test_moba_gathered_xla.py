@@ -15,6 +15,7 @@ import pytest
 
 from pallas_kernels.block_sparse_flash import MaskSpec, block_sparse_attention_reference
 from spb2_jax.ops import moba_attention, moba_attention_reference
+from spb2_jax.ops.moba_blockwise import needed_tiles, segment_bounds
 from spb2_jax.ops.moba_gathered import moba_gathered_attention
 from spb2_jax.ops.segments import Segments, segment_labels, segment_positions
 from tests import oracles
@@ -106,3 +107,23 @@ def test_union_algorithm_is_still_the_tile_loop_and_agrees():
             inputs, jnp.float32)
     with pytest.raises(ValueError, match="algorithm='dense'"):
         moba_attention(*(jnp.asarray(inputs[n]) for n in "qkv"), chunk_size=C, topk=topk, algorithm="dense")
+
+
+@pytest.mark.parametrize("layout", ["single", "varlen", "short", "leftpad"])
+def test_causal_attention_visits_exactly_the_tiles_the_causal_mask_touches(layout):
+    """Full causal attention on the XLA path (``causal_attention``: the tile loop with one block per segment)
+    computes a (query tile, key tile) pair iff the dense causal mask inside segments has a pair there: never a
+    tile above the diagonal (work ~ T^2 / 2 for one segment), nor one across segments. The table drives a
+    ``lax.cond`` per pair (``moba_blockwise.moba_attention``)."""
+    B, T, bs = 2, 64, 16
+    ids = make_segment_ids(B, T, layout) if layout != "single" else np.ones((B, T), np.int32)
+    seg = Segments.from_ids(jnp.asarray(ids))
+    start, end = segment_bounds(seg)
+    sel = jnp.zeros((B, T, 1, 0), jnp.int32)  # topk = 1: the own block (the whole segment) alone
+    need = np.asarray(needed_tiles(sel, seg.positions // T, start, end, seg.real, T, bs, T // bs))
+    labels = np.asarray(seg.labels)
+    dense = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] != 0) & np.tri(T, dtype=bool)
+    want = dense.reshape(B, T // bs, bs, T // bs, bs).any(axis=(2, 4))
+    np.testing.assert_array_equal(need, want)
+    if layout == "single":
+        assert need.sum() == B * (T // bs) * (T // bs + 1) // 2  # the lower triangle

@@ -7,6 +7,9 @@
    reference, forward and forward+backward (``jax.grad`` of ``sum(o * w)``), T = 1k, 4k, 16k.
 2. Sliding-window attention (window 128) and MoBA (block 512, top-4), B=1, 4 query / 2 kv heads, head dim 64
    (the ``configs/small-8l.json`` shape): the blockwise paths vs the dense-mask references, T = 4k, 16k, 64k.
+   ``moba``: the default XLA path (gathered form, ``spb2_jax.ops.moba_gathered``), forward and forward+backward;
+   ``moba-union``: the query-tile union loop it replaced (``algorithm="union"``), so both are measured in the same
+   run; ``--only moba-xla`` gives the two side by side without the dense references (for the largest T).
 
 Times: median of ``--repeats`` calls after a compiling call (``jax.jit``, ``block_until_ready``).
 Memory: XLA's own accounting of the compiled program (``compiled.memory_analysis()``): temporary buffers plus
@@ -84,16 +87,26 @@ def attn_rows(lens, repeats, max_run_gib, which):
         ks = jax.random.split(jax.random.key(T), 3)
         q = jax.random.normal(ks[0], (B, T, N, D))
         k, v = (jax.random.normal(x, (B, T, Kh, D)) for x in ks[1:])
+        w = jax.random.normal(jax.random.key(T + 1), (B, T, N, D))
+        moba = lambda algorithm: lambda q, k, v: moba_attention(q, k, v, chunk_size=512, topk=4,  # noqa: E731
+                                                                algorithm=algorithm)
+        moba_ref = lambda q, k, v: moba_attention_reference(q, k, v, chunk_size=512, topk=4)  # noqa: E731
         ops = {
             "swa": (lambda q, k, v: sliding_window_attention(q, k, v, window=128),
                     lambda q, k, v: attention_reference(q, k, v, window=128)),
-            "moba": (lambda q, k, v: moba_attention(q, k, v, chunk_size=512, topk=4),
-                     lambda q, k, v: moba_attention_reference(q, k, v, chunk_size=512, topk=4)),
+            "moba": (moba("gathered"), moba_ref),
+            "moba-union": (moba("union"), moba_ref),
+            "moba-xla": (moba("gathered"), moba("union")),  # the new path vs the one it replaced
         }
         for name in which:
-            fast, dense = ops[name]
-            rows.append((name, "fwd", T, measure(fast, (q, k, v), repeats, max_run_gib),
-                         measure(dense, (q, k, v), repeats, max_run_gib)))
+            fast, ref = ops[name]
+            modes = ("fwd", "fwd+bwd") if name.startswith("moba") else ("fwd",)
+            for mode in modes:
+                if mode == "fwd+bwd":
+                    fast, ref = (jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))
+                                 for f in (fast, ref))
+                rows.append((name, mode, T, measure(fast, (q, k, v), repeats, max_run_gib),
+                             measure(ref, (q, k, v), repeats, max_run_gib)))
     return rows
 
 
@@ -103,14 +116,15 @@ def _fmt_t(t):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["gdn", "swa", "moba"], action="append", help="default: all")
+    parser.add_argument("--only", choices=["gdn", "swa", "moba", "moba-union", "moba-xla"], action="append",
+                        help="default: gdn, swa, moba, moba-union")
     parser.add_argument("--gdn-lens", type=_ints, default=[1024, 4096, 16384])
     parser.add_argument("--attn-lens", type=_ints, default=[4096, 16384, 65536])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-run-gib", type=float, default=12.0,
                         help="do not run programs whose XLA peak exceeds this (memory is still reported)")
     args = parser.parse_args(argv)
-    which = args.only or ["gdn", "swa", "moba"]
+    which = args.only or ["gdn", "swa", "moba", "moba-union"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"backend={jax.default_backend()} devices={jax.devices()} commit={commit or '?'}")
     rows = []

@@ -1,4 +1,4 @@
-"""Counts (not a timing, runs anywhere): the attention work of the two MoBA kernel algorithms on random inputs.
+"""Counts (not a timing, runs anywhere): the attention work of the MoBA algorithms on random inputs.
 
     python tools/moba_work.py                      # T = 8k, 32k, 128k; MoBA 512/4 and 4096/12; tile 128
     python tools/moba_work.py --lens 8192 --heads 2
@@ -9,6 +9,12 @@ For each T and (C, topk): the (query, key) pairs the kernels compute, as a fract
   selected blocks (``moba_tile_lists`` counts) — ``tile * tile`` pairs per visit;
 - ``gathered``: part A's band (own block, ``own_block_lists`` counts) plus one ``tile x tile`` pair block per
   (row tile, key tile of its block) of part B (``selected_block_rows``);
+- ``XLA union``: the ``algorithm="union"`` tile loop of ``moba_blockwise`` (the XLA default before the gathered
+  form): per query tile, every key tile that any token of any head of the tile needs (``needed_tiles``), computed
+  for all heads;
+- ``XLA gathered``: ``spb2_jax.ops.moba_gathered``: part A's fixed band of ``W`` key tiles per query tile
+  (``W tile`` keys, ``W = ceil((C - 1) / tile) + 1``) plus ``C`` keys for every row of part B's
+  ``row_capacity`` row tiles (all of them: the per-head tile skip becomes a select under ``vmap``);
 - ``needed``: the pairs MoBA's mask keeps (own block causal + ``C`` per valid selected block).
 Selections come from ``moba_select_blocks`` on standard-normal q, k (one kv head; per-head statistics do not
 depend on the head count, so a few heads suffice).
@@ -23,12 +29,13 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from pallas_kernels.moba import moba_tile_lists
-from pallas_kernels.moba_gathered import own_block_lists, selected_block_rows
-from spb2_jax.ops.moba_blockwise import moba_select_blocks
+from pallas_kernels.moba_gathered import own_block_lists, row_capacity, selected_block_rows
+from spb2_jax.ops.moba_blockwise import moba_select_blocks, needed_tiles, segment_bounds
+from spb2_jax.ops.segments import Segments
 
 
 def work(T, C, topk, heads, tile, D=128):
-    """``(union, gathered, needed)`` pairs per head, averaged over ``heads``."""
+    """``(union, gathered, XLA union, XLA gathered, needed)`` pairs per head, averaged over ``heads``."""
     ks = jax.random.split(jax.random.key(T + C), 2)
     q = jax.random.normal(ks[0], (1, T, heads, D), jnp.float32)
     k = jax.random.normal(ks[1], (1, T, 1, D), jnp.float32)
@@ -44,12 +51,19 @@ def work(T, C, topk, heads, tile, D=128):
         used = sr.tile_lo < T
         spans = jnp.where(used, (sr.tile_lo + C - 1) // tile - sr.tile_lo // tile + 1, 0).sum()
         valid = jnp.sum(sel >= 0)
-        return union, band + spans, valid
+        segs = Segments(ids=seg, labels=seg, positions=pos)
+        start, end = segment_bounds(segs)
+        xla_union = needed_tiles(sel, pos // C, start, end, seg != 0, C, tile, T // tile).sum()
+        return union, band + spans, valid, xla_union
 
-    union, gathered, valid = (float(x) for x in count(sel))
+    union, gathered, valid, xla_union = (float(x) for x in count(sel))
+    nT, R = T // tile, topk - 1
+    W = min(nT, -(-(C - 1) // tile) + 1)
+    xla_gathered = nT * tile * W * tile + (row_capacity(T, R, C, tile) * tile * C if R else 0)
     own = sum(min(C, T - b) * (min(C, T - b) + 1) / 2 for b in range(0, T, C))  # own block, causal
     per_visit = tile * tile / heads
-    return union * per_visit, gathered * per_visit, valid * C / heads + own
+    return (union * per_visit, gathered * per_visit, xla_union * tile * tile, xla_gathered,
+            valid * C / heads + own)
 
 
 def main(argv=None):
@@ -58,13 +72,15 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--tile", type=int, default=128)
     args = p.parse_args(argv)
-    print("| T | MoBA C/topk | union kernel / causal | gathered kernel / causal | needed / causal |")
-    print("|---|---|---|---|---|")
+    print("| T | MoBA C/topk | union kernel / causal | gathered kernel / causal | XLA union / causal "
+          "| XLA gathered / causal | needed / causal |")
+    print("|---|---|---|---|---|---|---|")
     for T in tqdm([int(x) for x in args.lens.split(",")], desc="T", leave=False):
         for C, topk in ((512, 4), (4096, 12)):
             causal = T * (T + 1) / 2
-            u, g, n = work(T, C, topk, args.heads, args.tile)
-            print(f"| {T} | {C}/{topk} | {u / causal:.3f} | {g / causal:.3f} | {n / causal:.3f} |", flush=True)
+            u, g, xu, xg, n = work(T, C, topk, args.heads, args.tile)
+            print(f"| {T} | {C}/{topk} | {u / causal:.3f} | {g / causal:.3f} | {xu / causal:.3f} | {xg / causal:.3f} "
+                  f"| {n / causal:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

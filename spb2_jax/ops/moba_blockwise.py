@@ -39,7 +39,7 @@ from spb2_jax.ops.segments import Segments, as_segments, pad_time
 _MASKED = -1e30
 
 
-def _segment_bounds(seg: Segments) -> tuple[jax.Array, jax.Array]:
+def segment_bounds(seg: Segments) -> tuple[jax.Array, jax.Array]:
     """Start index and end index (exclusive) of every token's segment in this array, ``[B, T]`` each."""
     B, T = seg.shape
     idx = jnp.arange(T, dtype=jnp.int32)
@@ -102,7 +102,7 @@ def moba_select_blocks(
     return sel
 
 
-def _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT):
+def needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT):
     """Boolean ``[B, nT, nT]``: query tile i must visit key tile j (own block or a selected block)."""
     B, T, N, R = sel.shape
     idx = jnp.arange(T, dtype=jnp.int32)
@@ -187,10 +187,10 @@ def moba_attention(
                                        block_size=block_size)
     real = seg.real
     blk = seg.positions // C
-    seg_start, seg_end = _segment_bounds(seg)
+    seg_start, seg_end = segment_bounds(seg)
     bs = max(1, min(block_size, T))
     nT = -(-T // bs)
-    need = _needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT)
+    need = needed_tiles(sel, blk, seg_start, seg_end, real, C, bs, nT)
 
     seg_p, blk_p, sel_p = pad_time(seg.labels, bs), pad_time(blk, bs), pad_time(sel, bs, -1)
     qp, kp, vp = (pad_time(x.astype(acc), bs) for x in (q, k, v))
