@@ -80,7 +80,7 @@ def gdn_rows(lens, repeats, max_run_gib):
     return rows
 
 
-def attn_rows(lens, repeats, max_run_gib, which):
+def attn_rows(lens, repeats, max_run_gib, which, moba_passes=("fwd", "fwd+bwd")):
     B, N, Kh, D = 1, 4, 2, 64
     rows = []
     for T in tqdm(lens, desc="attention", leave=False):
@@ -100,7 +100,7 @@ def attn_rows(lens, repeats, max_run_gib, which):
         }
         for name in which:
             fast, ref = ops[name]
-            modes = ("fwd", "fwd+bwd") if name.startswith("moba") else ("fwd",)
+            modes = moba_passes if name.startswith("moba") else ("fwd",)
             for mode in modes:
                 if mode == "fwd+bwd":
                     fast, ref = (jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))
@@ -121,6 +121,8 @@ def main(argv=None):
     parser.add_argument("--gdn-lens", type=_ints, default=[1024, 4096, 16384])
     parser.add_argument("--attn-lens", type=_ints, default=[4096, 16384, 65536])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--moba-passes", type=lambda s: tuple(s.split(",")), default=("fwd", "fwd+bwd"),
+                        help="MoBA rows: fwd, fwd+bwd or both (the union path's backward at 64k takes many minutes)")
     parser.add_argument("--max-run-gib", type=float, default=12.0,
                         help="do not run programs whose XLA peak exceeds this (memory is still reported)")
     args = parser.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv=None):
         rows += gdn_rows(args.gdn_lens, args.repeats, args.max_run_gib)
     attn = [w for w in which if w != "gdn"]
     if attn:
-        rows += attn_rows(args.attn_lens, args.repeats, args.max_run_gib, attn)
+        rows += attn_rows(args.attn_lens, args.repeats, args.max_run_gib, attn, args.moba_passes)
     print("| op | pass | T | fast time | fast XLA peak | reference time | reference XLA peak | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for op, mode, T, (tf, mf), (tr, mr) in rows:
