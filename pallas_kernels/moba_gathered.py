@@ -99,9 +99,12 @@ class SelectedRows(NamedTuple):
 
 
 def row_capacity(T: int, R: int, chunk_size: int, block: int) -> int:
-    """Number of row tiles ``nP`` that always suffices: at most ``T R`` pairs, and at most ``T // C`` distinct
-    selectable blocks (complete, disjoint) each padding its group by at most ``block - 1`` rows."""
-    return max(1, -(-(T * R + (T // chunk_size) * (block - 1)) // block))
+    """Number of row tiles ``nP`` that always suffices: at most ``T min(R, ceil((T - 1) / C))`` pairs (a token's
+    valid blocks are distinct and start in ``[segment start, own block start)``, a range of at most ``T - 1``
+    tokens, one start per ``C`` of it), and at most ``T // C`` distinct selectable blocks (complete, disjoint)
+    each padding its group by at most ``block - 1`` rows."""
+    pairs = T * min(R, -(-(T - 1) // chunk_size))
+    return max(1, -(-(pairs + (T // chunk_size) * (block - 1)) // block))
 
 
 def _valid_selection(sel, own):

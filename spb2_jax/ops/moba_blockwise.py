@@ -155,8 +155,10 @@ def moba_attention(
         is ``block_size`` rounded to a power of two, at most 128).
       algorithm: ``"gathered"`` (work = the own-block band + the selected (token, block) pairs:
         ``spb2_jax.ops.moba_gathered`` for XLA, GPU style only for Pallas), ``"union"`` (per query tile, the union
-        of the key tiles its tokens selected: the tile loop below for XLA), None: ``"gathered"`` for XLA, by
-        target for Pallas (see ``spb2_jax.options.Kernels``).
+        of the key tiles its tokens selected: the tile loop below for XLA), None: by target for Pallas (see
+        ``spb2_jax.options.Kernels``); for XLA ``"gathered"`` unless ``2 topk C > T``, where the selected pairs
+        are about the whole causal triangle (``topk C`` keys per token against ``T / 2`` on average) and the
+        union loop, which computes that triangle once, is cheaper (``tools/moba_work.py``: 4096/12 at 64k).
       interpret, target: the Pallas kernels' mode and target.
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``.
@@ -182,7 +184,9 @@ def moba_attention(
         return moba_flash_attention(q, k, v, sel=sel, seg=seg.labels, pos=seg.positions, chunk_size=C, scale=scale,
                                     block_sizes=BlockSizes.from_request(block_size, T), interpret=interpret,
                                     target=target, algorithm=algorithm)
-    if algorithm != "union":
+    if algorithm is None:
+        algorithm = "union" if 2 * topk * C > T else "gathered"
+    if algorithm == "gathered":
         return moba_gathered_attention(q, k, v, sel, chunk_size=C, segment_ids=seg, scale=scale,
                                        block_size=block_size)
     real = seg.real
