@@ -117,7 +117,9 @@ def _rows_tile(q_rows, live, lo, hi, k_h, v_h, C, scale):
 
 
 def _rows_forward(q_g, live, lo, hi, k_h, v_h, C, scale, bs, T):
-    """Part B of one head: rows ``q_g [P, H]`` -> ``(o [P, H], lse [P])`` (unused tiles skipped)."""
+    """Part B of one head: rows ``q_g [P, H]`` -> ``(o [P, H], lse [P])``. Unused row tiles (``lo = T``) are
+    skipped by a ``lax.cond``; under the ``vmap`` over (batch row, head) in ``_attend`` that becomes a select, so
+    all ``row_capacity`` tiles are computed (counted as such in ``tools/moba_work.py``)."""
     P, H = q_g.shape
 
     def tile(args):
@@ -171,9 +173,8 @@ def _rows_backward(q_g, live, lo, hi, k_h, v_h, do_g, lse_g, delta_g, C, scale, 
 
 
 def _prepare(k, v, labels, blk, C, bs):
-    """Front-padded K / V / labels / blocks for part A and back-padded per-head K / V for part B."""
-    B, T, K, H = k.shape
-    W, front = _band(T, C, bs)
+    """Part A's window ``W`` and its inputs front-padded by ``(W - 1) bs``: K, V, segment labels, block ids."""
+    W, front = _band(k.shape[1], C, bs)
     fpad = lambda x: jnp.pad(x, [(0, 0), (front, 0)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     return W, fpad(k), fpad(v), fpad(labels), fpad(blk)
 
