@@ -12,9 +12,10 @@ across the last ("arbitrary") grid dimension and are written out at its last ste
 Layout for Mosaic's (8, 128) tiling: heads before time (``[B, N, T, H]``), per-token metadata of the query side
 as columns ``[B, T, 1]`` and of the key side as rows ``[B, 1, T]``, statistics as ``[B, N, T, 1]``; a tile must
 be a multiple of 128 tokens or the whole (padded) sequence. dK/dV use transposed-LHS matmuls (no explicit
-transpose). SMEM holds the whole lists, flattened: ``B N nT M`` int32 (MoBA lists can be ``nT`` long: at 32k
-tokens and 32 heads with 128-token tiles that is 8 MiB, past the 1 MiB of current chips; the wrapper raises a
-ValueError with the sizes — use longer tiles or the XLA path there).
+transpose). SMEM holds the whole lists, flattened: ``B N nT M`` int32, or ``B nT M`` when the lists have one head
+(shared by all heads, as gathered MoBA's own-block band). Union MoBA lists can be ``nT`` long: at 32k tokens and
+32 heads with 128-token tiles that is 8 MiB, past the 1 MiB of current chips; the wrapper raises a ValueError with
+the sizes (``platform.check_smem``) — the gathered MoBA (``moba_gathered``) is linear in T instead.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._flash_common import MASKED, check_whole_tiles, dot, row_delta, token_mask
-from pallas_kernels.platform import tpu_params
+from pallas_kernels.platform import check_smem, tpu_params
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
@@ -134,15 +135,16 @@ def _dot_tn(a, b):
 
 
 def _count_at(counts, dims, b, n, i):
-    """``counts[b, n, i]`` of the flattened counts (``dims`` = (heads, tiles, list width))."""
+    """``counts[b, n, i]`` of the flattened counts (``dims`` = (heads, tiles, list width); lists with one head
+    are shared by all heads)."""
     N, nT, _ = dims
-    return counts[(b * N + n) * nT + i]
+    return counts[(b * N + (n if N > 1 else 0)) * nT + i]
 
 
 def _list_at(lists, dims, b, n, i, c):
-    """``lists[b, n, i, c]`` of the flattened lists."""
+    """``lists[b, n, i, c]`` of the flattened lists (one head: shared by all heads)."""
     N, nT, M = dims
-    return lists[((b * N + n) * nT + i) * M + c]
+    return lists[((b * N + (n if N > 1 else 0)) * nT + i) * M + c]
 
 
 def _listed(b, n, i, c, lists, counts, dims):
@@ -203,18 +205,9 @@ def _check_tile(T, block, interpret):
 
 def _scalar_operands(lists, counts, interpret):
     """Lists and counts flattened to 1-D for scalar prefetch (SMEM pads the last dim of an N-D array to 128
-    words), plus their ``dims`` (heads, tiles, list width). On a TPU, fails with the sizes when they alone exceed
-    the chip's SMEM (a lower bound of what the kernel needs) instead of a Mosaic allocation error."""
-    need = 4 * (lists.size + counts.size)
-    if not interpret:
-        try:
-            capacity = pltpu.get_tpu_info().smem_capacity_bytes
-        except ValueError:  # not running on a TPU (e.g. lowering for TPU elsewhere): nothing to compare with
-            capacity = None
-        if capacity is not None and need > capacity:
-            raise ValueError(f"the TPU kernel's tile lists {tuple(lists.shape)} need {need:,} bytes of SMEM, more "
-                             f"than the chip's {capacity:,}; use a longer tile (block_size), fewer heads per "
-                             f"call, or impl='xla'")
+    words), plus their ``dims`` (heads, tiles, list width); on a TPU, fails with the sizes past the chip's SMEM
+    (``check_smem``)."""
+    check_smem(4 * (lists.size + counts.size), f"tile lists {tuple(lists.shape)}", interpret)
     return lists.reshape(-1), counts.reshape(-1), tuple(lists.shape[1:])
 
 

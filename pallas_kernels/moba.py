@@ -7,8 +7,8 @@ list of key tiles covering the union of the tile's own blocks and selected block
 tiles, then a cumulative sum: no ``[T, T]`` array), and the transposed lists for the dK/dV kernel. The kernel
 (``block_sparse_flash``) masks per token: same segment, causal, key in the query's own block or one of its
 selected blocks. That is ``algorithm="union"``; it does dense causal work when a tile's tokens select different
-blocks, so with ``target="triton"`` the default is ``algorithm="gathered"`` (``moba_gathered``: work = the
-selected pairs). The caller gives ``target`` and ``interpret``; the algorithm defaults from ``target``.
+blocks, so the default is ``algorithm="gathered"`` (``moba_gathered``: work = the selected pairs; GPU-style and
+TPU-style kernels). The caller gives ``target`` and ``interpret``.
 """
 
 from __future__ import annotations
@@ -84,9 +84,8 @@ def moba_flash_attention(
         simulator).
       target: ``"triton"`` (GPU-style kernels) or ``"mosaic_tpu"`` (TPU-style); ValueError otherwise.
       algorithm: ``"gathered"`` (``moba_gathered``: own block + gathered (token, selected block) rows; work =
-        the selected pairs) or ``"union"`` (per query tile, the union of its tokens' selected key tiles; dense
-        causal work when they differ). Default from ``target``: gathered on ``"triton"``; union on
-        ``"mosaic_tpu"`` (the only one with a TPU-style kernel so far).
+        the selected pairs; default, both targets) or ``"union"`` (per query tile, the union of its tokens'
+        selected key tiles; dense causal work when they differ).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype``; padding rows are 0.
     """
@@ -97,11 +96,9 @@ def moba_flash_attention(
     if sel.shape[:3] != (B, T, N) or seg.shape != (B, T) or pos.shape != (B, T):
         raise ValueError(f"metadata shapes: sel{sel.shape} seg{seg.shape} pos{pos.shape} for q{q.shape}")
     check_target(target)
-    algorithm = algorithm or ("union" if target == "mosaic_tpu" else "gathered")
+    algorithm = algorithm or "gathered"
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
-    if algorithm == "gathered" and target != "triton":
-        raise ValueError("algorithm='gathered' has GPU-style (target='triton') kernels only; use 'union' on TPU")
     block = (block_sizes or BlockSizes.get_default(T)).block
     Tp = -(-T // block) * block
     scale = H ** -0.5 if scale is None else scale
@@ -109,7 +106,7 @@ def moba_flash_attention(
         q, k, v = (_pad_time(x, Tp) for x in (q, k, v))
         o = moba_gathered_attention(q, k, v, _pad_time(jax.lax.stop_gradient(sel).astype(jnp.int32), Tp, -1),
                                     _pad_time(seg.astype(jnp.int32), Tp), _pad_time(pos.astype(jnp.int32), Tp),
-                                    chunk_size, float(scale), block, interpret)
+                                    chunk_size, float(scale), block, interpret, target)
         return o[:, :T]
     R = sel.shape[-1]
     Rp = 1 if R == 0 else 1 << (R - 1).bit_length()  # power of two for the Triton lowering

@@ -24,8 +24,9 @@ per row tile (rows scattered back to their tokens) and a dK / dV kernel per (kv 
 row tiles whose block overlaps that key tile — a contiguous range, since row tiles are ordered by block start —
 for each query head of the GQA group in turn (the group's sum stays on chip).
 
-GPU style (Triton lowering) only for now: with ``target="mosaic_tpu"`` ``moba_flash_attention`` uses the union
-kernel.
+Both targets: ``target="triton"`` runs the GPU-style kernels of this module; ``target="mosaic_tpu"`` runs part A
+on ``block_sparse_flash_tpu`` (own-block lists shared by all heads) and part B on ``moba_gathered_tpu`` (row
+tiles as a grid dimension, scalar-prefetched metadata linear in T).
 
 Shape letters: see ``spb2_jax.parallel.rules`` and ``block_sparse_flash``; here ``P`` is the number of part-B rows
 per (batch row, head), ``nP = P / block`` row tiles (not the SSE partitions of the package vocabulary).
@@ -42,6 +43,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._flash_common import dkv_step, dq_step, row_delta, softmax_finish, softmax_init, softmax_step
 from pallas_kernels.block_sparse_flash import MaskSpec, backward, forward, lists_from_need
+from pallas_kernels import moba_gathered_tpu
 from pallas_kernels.platform import triton_params
 
 
@@ -329,10 +331,13 @@ def merge_parts(o_a, lse_a, o_g, lse_g, rows):
     return o, lse
 
 
-def _own_meta(seg, pos, chunk, block, heads):
+def _own_meta(seg, pos, chunk, block, heads, target):
+    """Part A's metadata for the block-sparse core; the TPU kernels take lists shared by all heads (one copy in
+    SMEM: ``nT W`` int32 per batch row)."""
     B, T = seg.shape
     none = jnp.full((B, T, heads, 1), -1, jnp.int32)  # no selected blocks: the MoBA mask is the own block alone
-    return own_block_lists(seg, pos, chunk, block, heads) + (seg, pos // chunk, none)
+    lists = own_block_lists(seg, pos, chunk, block, 1 if target == "mosaic_tpu" else heads)
+    return lists + (seg, pos // chunk, none)
 
 
 def _by_kv_head(x, K):
@@ -353,11 +358,23 @@ def _from_kv_heads(x):
     return jnp.moveaxis(x, 0, 2).reshape((B, T, K * G) + x.shape[4:])
 
 
-def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
+def _part_b_forward(q_g, k, v, sr, scale, block, chunk, interpret, target):
+    if target == "mosaic_tpu":
+        return moba_gathered_tpu.rows_forward(q_g, k, v, sr, scale, block, chunk, interpret)
+    return _rows_forward(q_g, k, v, sr, scale, block, interpret)
+
+
+def _part_b_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, chunk, interpret, target):
+    if target == "mosaic_tpu":
+        return moba_gathered_tpu.rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, chunk, interpret)
+    return _rows_backward(q_g, k, v, do_g, lse_g, delta_g, sr, scale, block, interpret)
+
+
+def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret, target):
     B, T, N, H = q.shape
     K = k.shape[2]
-    meta = _own_meta(seg, pos, chunk, block, N)
-    o_a, lse_a = forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret=interpret, target="triton",
+    meta = _own_meta(seg, pos, chunk, block, N, target)
+    o_a, lse_a = forward(q, k, v, meta, MaskSpec(moba=True), scale, block, interpret=interpret, target=target,
                          out_dtype=jnp.float32)
     if sel.shape[-1] == 0:  # topk 1: the own block alone
         return o_a.astype(q.dtype), lse_a, meta, None
@@ -365,7 +382,8 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
     def one_kv_head(x):  # part B and the merge for the query heads of one kv head: memory / K
         q_h, k_h, v_h, sel_h, o_h, lse_h = x
         sr = selected_block_rows(sel_h, seg, pos, chunk, block)
-        o_g, lse_g = _rows_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, interpret)
+        o_g, lse_g = _part_b_forward(gather_rows(q_h, sr.rows), k_h, v_h, sr, scale, block, chunk, interpret,
+                                     target)
         return merge_parts(o_h, lse_h, o_g, lse_g, sr.rows) + (sr,)
 
     o, lse, sr = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),
@@ -373,8 +391,9 @@ def _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
     return _from_kv_heads(o).astype(q.dtype), jnp.moveaxis(lse, 0, 1).reshape(B, N, T), meta, sr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def moba_gathered_attention(q, k, v, sel, seg, pos, chunk: int, scale: float, block: int, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def moba_gathered_attention(q, k, v, sel, seg, pos, chunk: int, scale: float, block: int, interpret: bool,
+                            target: str = "triton"):
     """MoBA attention (own block causal + selected earlier blocks, per token and head) in gathered form.
 
     Args:
@@ -382,22 +401,24 @@ def moba_gathered_attention(q, k, v, sel, seg, pos, chunk: int, scale: float, bl
       sel: ``[B, T, N, R]`` int32 selected blocks (segment-relative; -1, the own block, later blocks and repeats
         add nothing). seg: ``[B, T]`` segment labels (0 = padding). pos: ``[B, T]`` position in the segment.
       chunk: MoBA block size C. scale: logit scale. block: tile of queries, keys and rows (a power of two).
-      interpret: run the kernels in interpret mode (CPU).
+      interpret: run the kernels in interpret mode (CPU; or a ``pltpu.InterpretParams``).
+      target: ``"triton"`` (GPU-style kernels) or ``"mosaic_tpu"`` (part A by ``block_sparse_flash_tpu``, part B
+        by ``moba_gathered_tpu``).
     Returns:
       ``[B, T, N, H]`` in ``q.dtype`` (padding rows 0).
     """
-    return _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret)[0]
+    return _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret, target)[0]
 
 
-def _vjp_fwd(q, k, v, sel, seg, pos, chunk, scale, block, interpret):
-    o, lse, meta, sr = _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret)
+def _vjp_fwd(q, k, v, sel, seg, pos, chunk, scale, block, interpret, target):
+    o, lse, meta, sr = _attend(q, k, v, sel, seg, pos, chunk, scale, block, interpret, target)
     return o, (q, k, v, o, lse, meta, sr, sel, seg, pos)
 
 
-def _vjp_bwd(chunk, scale, block, interpret, res, do):
+def _vjp_bwd(chunk, scale, block, interpret, target, res, do):
     q, k, v, o, lse, meta, sr, sel, seg, pos = res
     dq, dk, dv = backward(q, k, v, o, lse, do, meta, MaskSpec(moba=True), scale, block, interpret=interpret,
-                          target="triton", grad_dtype=jnp.float32)
+                          target=target, grad_dtype=jnp.float32)
     none = lambda x: None  # noqa: E731  integer inputs: no cotangent
     ints = tuple(none(x) for x in (sel, seg, pos))
     if sr is None:
@@ -408,8 +429,9 @@ def _vjp_bwd(chunk, scale, block, interpret, res, do):
     def one_kv_head(x):
         q_h, k_h, v_h, do_h, lse_h, delta_h, sr_h = x
         at_rows = lambda y: jnp.take_along_axis(y, jnp.maximum(sr_h.rows, 0), axis=2)  # noqa: E731
-        dq_g, dk_h, dv_h = _rows_backward(gather_rows(q_h, sr_h.rows), k_h, v_h, gather_rows(do_h, sr_h.rows),
-                                          at_rows(lse_h), at_rows(delta_h), sr_h, scale, block, interpret)
+        dq_g, dk_h, dv_h = _part_b_backward(gather_rows(q_h, sr_h.rows), k_h, v_h, gather_rows(do_h, sr_h.rows),
+                                            at_rows(lse_h), at_rows(delta_h), sr_h, scale, block, chunk, interpret,
+                                            target)
         return scatter_rows(dq_g, sr_h.rows, T), dk_h, dv_h
 
     dq_b, dk_b, dv_b = jax.lax.map(one_kv_head, (_by_kv_head(q, K), _by_kv_head(k, K), _by_kv_head(v, K),

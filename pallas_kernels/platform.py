@@ -37,3 +37,18 @@ def tpu_params(interpret, dimension_semantics: tuple[str, ...]):
     simulator (``interpret=pltpu.InterpretParams(...)``) splits and shuffles the parallel dimensions by them."""
     del interpret
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+
+
+def check_smem(need: int, what: str, interpret) -> None:
+    """On a TPU, a ValueError naming ``what`` and the sizes when ``need`` bytes of scalar-prefetched operands alone
+    exceed the chip's SMEM (a lower bound of what the kernel needs), instead of a Mosaic allocation error. Nothing
+    to compare with in interpret mode or when lowering for TPU elsewhere."""
+    if interpret:
+        return
+    try:
+        capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    except ValueError:  # not running on a TPU
+        return
+    if need > capacity:
+        raise ValueError(f"the TPU kernel's {what} need {need:,} bytes of SMEM, more than the chip's {capacity:,}; "
+                         f"use a longer tile (block_size), fewer heads per call, or impl='xla'")

@@ -16,8 +16,7 @@ Decisions made here and nowhere else:
     ``gdn`` runs the XLA chunked path.
   * The Pallas target is ``"mosaic_tpu"`` on TPU and ``"triton"`` elsewhere; ``interpret=True`` on CPU (the only
     backend without a Pallas lowering here: slow, for tests).
-  * The MoBA algorithm is ``"gathered"`` on the Triton target (work = the selected pairs) and ``"union"`` on
-    TPU (no TPU-style gathered kernel yet).
+  * The MoBA algorithm is ``"gathered"`` on both targets (work = the selected pairs; ``"union"`` on request).
 
 - **dtypes**: ``dtype`` (compute) and ``param_dtype`` (storage); recurrences, softmax statistics, norms and
   losses accumulate in float32 regardless.
@@ -113,12 +112,9 @@ class Kernels:
         if target not in TARGETS:
             raise ValueError(f"target={target!r} is not one of {TARGETS}")
         interpret = (backend == "cpu") if interpret is None else bool(interpret)
-        moba_algorithm = moba_algorithm or ("union" if target == "mosaic_tpu" else "gathered")
+        moba_algorithm = moba_algorithm or "gathered"
         if moba_algorithm not in MOBA_ALGORITHMS:
             raise ValueError(f"moba_algorithm={moba_algorithm!r} is not one of {MOBA_ALGORITHMS}")
-        if moba_algorithm == "gathered" and target != "triton":
-            raise ValueError("moba_algorithm='gathered' has GPU-style (target='triton') kernels only; "
-                             "use 'union' on TPU")
         gdn = "xla" if jnp.dtype(canonical_dtype(dtype)) == jnp.float64 else "pallas"  # kernel is float32-only
         return cls(impl=impl, attention="pallas", window="pallas", moba="pallas", gdn=gdn, gla="xla",
                    target=target, interpret=interpret, block_size=block_size, moba_algorithm=moba_algorithm,

@@ -124,13 +124,13 @@ def test_nothing_below_the_boundary_asks_for_the_backend(monkeypatch):
 
 
 def test_resolution_states_the_fallbacks():
-    """GLA has no kernel; the GDN kernel is float32-only; TPU gets the Mosaic kernels and the union MoBA."""
+    """GLA has no kernel; the GDN kernel is float32-only; TPU gets the Mosaic kernels, gathered MoBA as on GPU."""
     k = resolve_options(impl="pallas", backend="gpu").kernels
     assert (k.gla, k.gdn, k.target, k.interpret, k.moba_algorithm) == ("xla", "pallas", "triton", False, "gathered")
     k64 = resolve_options(impl="pallas", dtype=jnp.float64, backend="cpu").kernels
     assert (k64.gdn, k64.interpret) == ("xla", True)
     tpu = resolve_options(impl="pallas", backend="tpu").kernels
-    assert (tpu.target, tpu.moba_algorithm, tpu.interpret) == ("mosaic_tpu", "union", False)
+    assert (tpu.target, tpu.moba_algorithm, tpu.interpret) == ("mosaic_tpu", "gathered", False)
     ref = resolve_options(impl="reference").kernels
     assert {ref.attention, ref.window, ref.moba, ref.gdn, ref.gla} == {"reference"}
 
@@ -141,7 +141,7 @@ def test_resolution_states_the_fallbacks():
     (dict(remat="some"), "remat='some'"),
     (dict(moba_decode="sparse"), "moba_decode='sparse'"),
     (dict(impl="pallas", target="cuda"), "target='cuda'"),
-    (dict(impl="pallas", backend="tpu", moba_algorithm="gathered"), "gathered"),
+    (dict(impl="pallas", backend="tpu", moba_algorithm="sparse"), "moba_algorithm=.sparse."),
 ])
 def test_bad_options_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):

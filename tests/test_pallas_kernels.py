@@ -206,12 +206,14 @@ def test_core_equals_its_dense_twin():
 ALGO_CASES = [(2, 64, 4, 2, 32, 16, "varlen"), SHORT, (1, 1, 2, 1, 32, 16, "single"), (2, 40, 8, 2, 32, 32, "leftpad")]
 
 
-@pytest.mark.parametrize("algorithm", ["gathered", "union"])
+@pytest.mark.parametrize("algorithm,pallas_target", [("gathered", "triton"), ("union", "triton"),
+                                                     ("gathered", "mosaic_tpu")], indirect=["pallas_target"])
 @pytest.mark.parametrize("case", params([(c,) for c in ALGO_CASES], map(kernel_case_id, ALGO_CASES),
                                         lambda c: c[1] == 64 or c == SHORT))
-def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
-    """``moba_flash_attention`` (both algorithms, GPU style) on a hand-made selection with -1, repeats, the own
-    block and later blocks vs ``block_sparse_attention_reference`` (dense mask): forward and gradients."""
+def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm, pallas_target):
+    """``moba_flash_attention`` (both algorithms GPU style, gathered TPU style) on a hand-made selection with -1,
+    repeats, the own block and later blocks vs ``block_sparse_attention_reference`` (dense mask): forward and
+    gradients."""
     C, R = 8, 3
     sel, seg = awkward_moba_selection(case, C, R)
     inputs, _ = kernel_inputs(case)
@@ -220,19 +222,20 @@ def test_moba_algorithms_equal_the_dense_mask_on_any_selection(case, algorithm):
 
     def kernel(x):
         return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=labels, pos=pos, chunk_size=C,
-                                     block_sizes=BlockSizes(case[5]), interpret=True, target="triton",
+                                     block_sizes=BlockSizes(case[5]), interpret=True, target=pallas_target,
                                      algorithm=algorithm),)
 
     def dense(x):
         return (block_sparse_attention_reference(x["q"], x["k"], x["v"], labels, pos // C, sel,
                                                  MaskSpec(moba=True), scale),)
 
-    compare(f"pallas-moba-{algorithm}-awkward", kernel, dense, inputs, jnp.float32,
+    compare(f"pallas-moba-{algorithm}-{pallas_target}-awkward", kernel, dense, inputs, jnp.float32,
             cancellation=_single_key_cancellation(case, inputs))
 
 
+@pytest.mark.parametrize("pallas_target", TARGETS, indirect=True)
 @pytest.mark.parametrize("offsets", [(3,), (4,), (0, 4), (5, 9)], ids=lambda o: "pos0=" + "+".join(map(str, o)))
-def test_gathered_moba_with_positions_not_starting_at_zero(offsets):
+def test_gathered_moba_with_positions_not_starting_at_zero(offsets, pallas_target):
     """A segment whose positions start at p0 > 0 (a continuation) has a partial first block (and none at all
     when p0 >= C): the gathered kernels clamp blocks to the segment, as the dense mask defines them. Two
     segments of 20 and 12 tokens (or one of 32), every earlier block selected, R = 2 with a repeat."""
@@ -251,14 +254,14 @@ def test_gathered_moba_with_positions_not_starting_at_zero(offsets):
 
     def kernel(x):
         return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=seg, pos=pos, chunk_size=C,
-                                     block_sizes=BlockSizes(16), interpret=True, target="triton",
+                                     block_sizes=BlockSizes(16), interpret=True, target=pallas_target,
                                      algorithm="gathered"),)
 
     def dense(x):
         return (block_sparse_attention_reference(x["q"], x["k"], x["v"], seg, pos // C, sel, MaskSpec(moba=True),
                                                  H ** -0.5),)
 
-    compare("pallas-moba-gathered-pos0", kernel, dense, inputs, jnp.float32)
+    compare(f"pallas-moba-gathered-pos0-{pallas_target}", kernel, dense, inputs, jnp.float32)
 
 
 @pytest.mark.parametrize("case,C,topk", LIST_GRID)

@@ -187,3 +187,75 @@ def test_pallas_kernels_import_only_public_names_at_module_level():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pallas_kernels"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports private {private} from {node.module}"
+
+
+LONG_T, LONG_N, LONG_K, LONG_H = 131_072, 32, 8, 128
+SMEM_BYTES = 1 << 20  # SMEM of current TPU chips (v5e / v6e: 1 MiB); the kernels check the real one on a TPU
+
+
+def _record_scalar_operands(monkeypatch):
+    """Spy on ``pallas_call``: for every call, its name and the bytes of its scalar-prefetched (SMEM) operands."""
+    from jax.experimental import pallas as pl
+
+    real, calls = pl.pallas_call, []
+
+    def recording(kernel, *args, **kwargs):
+        call = real(kernel, *args, **kwargs)
+        prefetch = getattr(kwargs.get("grid_spec"), "num_scalar_prefetch", 0)
+
+        def run(*operands):
+            calls.append((kwargs.get("name"), [x.size * x.dtype.itemsize for x in operands[:prefetch]]))
+            return call(*operands)
+
+        return run
+
+    monkeypatch.setattr(pl, "pallas_call", recording)
+    return calls
+
+
+def _lower_long_moba(C, topk, T=LONG_T, algorithm="gathered"):
+    """Forward + backward of MoBA on TPU at ``T`` tokens, 32 query / 8 kv heads (5B's), bf16, lowered (not run)."""
+    seg = jnp.ones((1, T), jnp.int32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    q = jax.ShapeDtypeStruct((1, T, LONG_N, LONG_H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, T, LONG_K, LONG_H), jnp.bfloat16)
+
+    def grads(q, k, v, sel):
+        attend = lambda q, k, v: moba_flash_attention(  # noqa: E731
+            q, k, v, sel=sel, seg=seg, pos=pos, chunk_size=C, block_sizes=BlockSizes(128), interpret=False,
+            target="mosaic_tpu", algorithm=algorithm)
+        return _with_grad(attend)(q, k, v)
+
+    sel = jax.ShapeDtypeStruct((1, T, LONG_N, topk - 1), jnp.int32)
+    return _lower_for_tpu(grads, q, kv, kv, sel)
+
+
+@pytest.mark.parametrize("C,topk", [(512, 4), (4096, 12)], ids=["512-4", "4096-12"])
+def test_gathered_moba_lowers_for_tpu_at_128k_within_smem(C, topk, monkeypatch):
+    """The TPU gathered MoBA (forward, dQ, dK/dV of both parts) lowers at T = 131,072 with 32 query / 8 kv heads,
+    with the SMEM check on against a 1 MiB chip (capacity faked: off a TPU it cannot be read). Its
+    scalar-prefetched operands, recorded per ``pallas_call``, fit in 1 MiB, equal ``metadata_bytes`` for part B,
+    and grow linearly in T (half of them at T = 65,536) — the union kernel's lists are ``(T / tile)^2`` and fail
+    the same check."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.moba_gathered import row_capacity
+    from pallas_kernels.moba_gathered_tpu import metadata_bytes
+
+    monkeypatch.setattr(pltpu, "get_tpu_info", lambda: type("Info", (), {"smem_capacity_bytes": SMEM_BYTES})())
+    calls = _record_scalar_operands(monkeypatch)
+    text = _lower_long_moba(C, topk)
+    names = ["block_sparse_flash_fwd_tpu", "moba_rows_fwd_tpu", "block_sparse_flash_dq_tpu",
+             "block_sparse_flash_dkv_tpu", "moba_rows_dq_tpu", "moba_rows_dkv_tpu"]
+    assert sorted(n for n, _ in calls) == sorted(names) and all(n in text for n in names)
+    smem = {name: sum(sizes) for name, sizes in calls}
+    assert max(smem.values()) <= SMEM_BYTES, smem
+    nP = row_capacity(LONG_T, topk - 1, C, 128)  # row tiles per query head
+    part_b = metadata_bytes(LONG_T, LONG_N // LONG_K, nP, C, 128)
+    assert (smem["moba_rows_fwd_tpu"], smem["moba_rows_dkv_tpu"]) == (part_b["row_keys"], part_b["work_list"])
+    calls.clear()
+    _lower_long_moba(C, topk, T=LONG_T // 2)
+    half = {name: sum(sizes) for name, sizes in calls}
+    assert all(abs(half[n] / smem[n] - 0.5) < 0.01 for n in names), (half, smem)
+    with pytest.raises(ValueError, match="need .* bytes of SMEM, more than the chip's 1,048,576"):
+        _lower_long_moba(C, topk, algorithm="union")

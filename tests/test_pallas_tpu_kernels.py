@@ -31,13 +31,14 @@ def test_tpu_kernels_with_the_tile_a_tpu_takes(name, kw, pallas_target):
     compare(f"pallas-tpu-tile128-{name}", *attention_ops(name, seg, 128, pallas_target, **kw), inputs, jnp.float32)
 
 
-@pytest.mark.parametrize("kernel", ["moba", "swa", "gdn"])
+@pytest.mark.parametrize("kernel", ["moba-gathered", "moba-union", "swa", "gdn"])
 def test_tpu_kernels_under_the_tpu_simulator(kernel):
     """jax's TPU interpret mode (``pltpu.InterpretParams``) simulates the chip more closely than plain interpret
     mode: two cores splitting the "parallel" grid dimensions in a randomised order, a race detector,
     uninitialised memory filled with NaN, out-of-bounds reads and non-consecutive revisits of an output block
-    raising. MoBA and SWA (forward + gradients) at the 128-token tile, GQA 2:1 with two kv heads, against the XLA
-    path, and the GDN forward (segments inside chunks, a length-1 run) against the GPU-style kernel (float32
+    raising. MoBA (both algorithms: the gathered default, whose dK/dV work list must revisit each output tile only
+    consecutively, and union) and SWA (forward + gradients) at the 128-token tile, GQA 2:1 with two kv heads,
+    against the XLA path, and the GDN forward (segments inside chunks, a length-1 run) against the GPU-style kernel (float32
     1e-4); no race found. (Declaring the list dimension, or GDN's chunk dimension, "parallel" makes the MoBA,
     resp. GDN, case fail: checked.)"""
     sim = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, random_seed=0)
@@ -63,7 +64,8 @@ def test_tpu_kernels_under_the_tpu_simulator(kernel):
         def moba(x):
             sel = moba_select_blocks(x["q"], x["k"], chunk_size=64, topk=3, segment_ids=seg)
             return (moba_flash_attention(x["q"], x["k"], x["v"], sel=sel, seg=labels, pos=pos, chunk_size=64,
-                                         block_sizes=tile, interpret=sim, target="mosaic_tpu"),)
+                                         block_sizes=tile, interpret=sim, target="mosaic_tpu",
+                                         algorithm=kernel.split("-")[1]),)
 
         def swa(x):
             return (sliding_window_flash_attention(x["q"], x["k"], x["v"], window=130, seg=labels, block_sizes=tile,
@@ -75,6 +77,6 @@ def test_tpu_kernels_under_the_tpu_simulator(kernel):
         def swa_xla(x):
             return (sliding_window_attention(x["q"], x["k"], x["v"], window=130, segment_ids=seg, impl="xla"),)
 
-        fast, ref = (moba, moba_xla) if kernel == "moba" else (swa, swa_xla)
+        fast, ref = (moba, moba_xla) if kernel.startswith("moba") else (swa, swa_xla)
         compare(f"pallas-tpu-sim-{kernel}", fast, ref, inputs, jnp.float32)
     assert interpret_pallas_call.races is not None and not interpret_pallas_call.races.races_found

@@ -154,9 +154,9 @@ def moba_attention(
       impl: ``"xla"`` or ``"pallas"`` (``pallas_kernels.moba_flash_attention`` on the same selection; its tile
         is ``block_size`` rounded to a power of two, at most 128).
       algorithm: ``"gathered"`` (work = the own-block band + the selected (token, block) pairs:
-        ``spb2_jax.ops.moba_gathered`` for XLA, GPU style only for Pallas), ``"union"`` (per query tile, the union
-        of the key tiles its tokens selected: the tile loop below for XLA), None: by target for Pallas (see
-        ``spb2_jax.options.Kernels``); for XLA ``"gathered"`` unless ``2 topk C > T``, where the selected pairs
+        ``spb2_jax.ops.moba_gathered`` for XLA, ``pallas_kernels.moba_gathered`` on both Pallas targets),
+        ``"union"`` (per query tile, the union of the key tiles its tokens selected: the tile loop below for
+        XLA), None: ``"gathered"`` for Pallas; for XLA ``"gathered"`` unless ``2 topk C > T``, where the selected pairs
         are about the whole causal triangle (``topk C`` keys per token against ``T / 2`` on average) and the
         union loop, which computes that triangle once, is cheaper (``tools/moba_work.py``: 4096/12 at 64k).
       interpret, target: the Pallas kernels' mode and target.
