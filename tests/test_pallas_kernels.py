@@ -34,10 +34,11 @@ from pallas_kernels.moba import moba_flash_attention, moba_tile_lists
 from pallas_kernels.moba_gathered import own_block_lists, row_capacity, selected_block_rows
 from spb2_jax.ops.attention import attention_reference
 from spb2_jax.ops.gdn_chunked import chunk_gated_delta_rule
-from spb2_jax.ops.moba_blockwise import moba_select_blocks
+from spb2_jax.ops.moba_blockwise import moba_attention, moba_select_blocks
 from spb2_jax.ops.segments import segment_labels, segment_positions
-from tests.helpers import (BF16_GRAD_RTOL, awkward_moba_selection, BF16_OUT_RTOL, BF16_U, F32_ATOL, attention_ops, check, compare,
-                           gdn_inputs, kernel_case_id, kernel_inputs, make_segment_ids, params, randn, rng_for,
+from tests import oracles
+from tests.helpers import (BF16_GRAD_RTOL, BF16_OUT_RTOL, BF16_U, F32_ATOL, TOL_ATTN, assert_close, attention_ops,
+                           awkward_moba_selection, check, compare, gdn_inputs, kernel_case_id, kernel_inputs, make_segment_ids, params, randn, rng_for,
                            shape_id)
 
 TARGETS = ("triton", "mosaic_tpu")
@@ -262,6 +263,21 @@ def test_gathered_moba_with_positions_not_starting_at_zero(offsets, pallas_targe
                                                  H ** -0.5),)
 
     compare(f"pallas-moba-gathered-pos0-{pallas_target}", kernel, dense, inputs, jnp.float32)
+
+
+@pytest.mark.parametrize("pallas_target", TARGETS, indirect=True)
+def test_gathered_moba_kernels_equal_the_float64_oracle(pallas_target):
+    """The default Pallas MoBA (gathered, each target) through ``moba_attention(impl="pallas")``, float32, vs the
+    float64 NumPy oracle (its own selection): within TOL_ATTN, the float32 bound of the attention ops
+    (``tests/helpers.py``). T = 37 (not a multiple of the 16-token tile), packed segments, GQA 2:1, C = 5, k = 3."""
+    B, T, N, K, H, C, topk = 2, 37, 4, 2, 16, 5, 3
+    seg = make_segment_ids(B, T, "varlen")
+    rng = rng_for("pallas-moba-x64", pallas_target)
+    q, k, v = rng.standard_normal((B, T, N, H)), rng.standard_normal((B, T, K, H)), rng.standard_normal((B, T, K, H))
+    out = moba_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), chunk_size=C, topk=topk,
+                         segment_ids=jnp.asarray(seg), block_size=16, impl="pallas", interpret=True,
+                         target=pallas_target)
+    assert_close(out, oracles.moba_attention(q, k, v, C, topk, seg), TOL_ATTN, f"pallas moba {pallas_target}")
 
 
 @pytest.mark.parametrize("case,C,topk", LIST_GRID)
