@@ -9,7 +9,7 @@ import tomllib
 from tests.conftest import REPO
 
 # distribution name -> the module it provides, where the two differ
-MODULE_OF = {"ml_dtypes": "ml_dtypes"}
+MODULE_OF = {"ml_dtypes": "ml_dtypes", "orbax-checkpoint": "orbax", "PyYAML": "yaml", "tensorboardX": "tensorboardX"}
 
 
 def _imported_top_level_modules(*packages: str) -> set[str]:
