@@ -101,7 +101,9 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The whole run (module docstring). ``mesh``: a ``spb2_jax.parallel.make_mesh`` spec (``""`` = one device)."""
+    """The whole run (module docstring). ``mesh``: a ``spb2_jax.parallel.make_mesh`` spec (``""`` = one device).
+    ``sample_prompts``: after the last step, continue each prompt by ``sample_tokens`` tokens at
+    ``sample_temperature`` (0 = greedy) into ``RUN_DIR/samples.txt``."""
 
     run_dir: str = "runs/default"
     steps: int = 100
@@ -113,6 +115,7 @@ class TrainConfig:
     loss_tile: int = 512
     sample_prompts: tuple[str, ...] = ()
     sample_tokens: int = 48
+    sample_temperature: float = 0.8
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optimizer: OptimizerSection = OptimizerSection()
@@ -122,7 +125,7 @@ class TrainConfig:
         """Range and choice checks (types are checked when the config is built); returns self."""
         m, d, o = self.model, self.data, self.optimizer
         _positive(self, "steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_tile")
-        _nonneg(self, "seed", "sample_tokens")
+        _nonneg(self, "seed", "sample_tokens", "sample_temperature")
         if (m.preset is None) == (m.checkpoint is None):
             raise ConfigError(f"model: give exactly one of model.preset and model.checkpoint, got "
                               f"preset={m.preset!r} checkpoint={m.checkpoint!r}")

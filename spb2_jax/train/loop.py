@@ -207,7 +207,7 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
                 steps_since += 1
                 done = step + 1
                 last = done == config.steps
-                if done % config.log_every == 0 or last or stop["signal"]:
+                if done == 1 or done % config.log_every == 0 or last or stop["signal"]:
                     out = jax.device_get(out)
                     if not bool(out["finite"]):
                         raise NonFiniteLoss(f"step {done}: loss={float(out['loss'])} grad_norm="
@@ -241,9 +241,9 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
             plot_loss(config.run_dir)
             if config.sample_prompts and tokenizer is not None and not stop["signal"]:
                 samples = sample(model_config, options, state.params, tokenizer, config.sample_prompts,
-                                 config.sample_tokens, mesh)
+                                 config.sample_tokens, config.sample_temperature, config.seed, mesh)
                 with open(os.path.join(config.run_dir, "samples.txt"), "w") as f:
-                    f.write("\n\n".join(f"{p!r} ->\n{s}" for p, s in zip(config.sample_prompts, samples)) + "\n")
+                    f.write("\n\n----\n".join(samples) + "\n")
             if export_hf:
                 save_hf(model_config, jax.device_get(state.params), export_hf, progress=False)
     return RunResult(state, metrics, config.run_dir, resumed_from, stop["signal"], samples)
@@ -263,7 +263,10 @@ def _evaluate(eval_fn, params, held_docs, config: TrainConfig, mesh) -> tuple[fl
     return nll / max(count, 1.0), correct / max(count, 1.0)
 
 
-def sample(model_config, options, params, tokenizer, prompts, max_new_tokens: int, mesh=None) -> list[str]:
-    """Greedy continuations of ``prompts`` with the trained params (``spb2_jax.api.Model.generate``)."""
+def sample(model_config, options, params, tokenizer, prompts, max_new_tokens: int, temperature: float = 0.0,
+           seed: int = 0, mesh=None) -> list[str]:
+    """Continuations of ``prompts`` with the trained params (``spb2_jax.api.Model.generate``; greedy at
+    temperature 0), each prompt followed by its continuation."""
     model = Model(config=model_config, options=options, params=params, tokenizer=tokenizer, mesh=mesh)
-    return model.generate(list(prompts), max_new_tokens=max_new_tokens)
+    out = model.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return [p + c for p, c in zip(prompts, out)]
