@@ -58,6 +58,10 @@ LONG_FIRST = (
     "tests/test_xla_cpu_miscompile.py",
     "tests/test_generate.py::test_prefill_pieces_and_token_by_token_agree_float64",
     "tests/test_model_grad.py::test_directional_derivative_matches_central_difference_float64",
+    "tests/test_train.py::test_four_microbatches_equal_one_batch",
+    "tests/test_train.py::test_sharded_training_equals_one_device",
+    "tests/test_train.py::test_resume_after_sigkill_is_bitwise",
+    "tests/test_pallas_tpu_kernels.py::test_tpu_kernels_under_the_tpu_simulator",
 )
 
 
