@@ -86,3 +86,31 @@ def dkv_step(carry, q, k, v, do, lse, delta, mask, scale):
     dv = dv + dot(p.T.astype(do.dtype), do)
     ds = p * (dot(do, v, trans_b=True) - delta[:, None])
     return dk + dot(ds.T.astype(q.dtype), q), dv
+
+
+def softmax_init_refs(acc_ref, m_ref, l_ref):
+    """Empty online-softmax state in VMEM scratch (TPU kernels): ``acc [t, H]``, ``m``, ``l [t, 1]`` float32."""
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+
+def softmax_step_refs(acc_ref, m_ref, l_ref, q, k, v, mask, scale):
+    """``softmax_step`` on VMEM scratch refs (TPU kernels; statistics as ``[t, 1]`` columns)."""
+    s = jnp.where(mask, dot(q, k, trans_b=True) * scale, MASKED)  # [t, s]
+    m = m_ref[...]
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    corr = jnp.exp(m - m_new)
+    acc_ref[...] = acc_ref[...] * corr + dot(p.astype(v.dtype), v)
+    l_ref[...] = l_ref[...] * corr + p.sum(axis=1, keepdims=True)
+    m_ref[...] = m_new
+
+
+def softmax_finish_refs(acc_ref, m_ref, l_ref, o_ref, lse_ref):
+    """``softmax_finish`` from VMEM scratch refs into the output refs (rows that saw no key: 0 and lse 0)."""
+    l = l_ref[...]
+    empty = l == 0.0
+    safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, 0.0, m_ref[...] + jnp.log(safe))

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._flash_common import MASKED, check_whole_tiles, dot, row_delta, token_mask
+from pallas_kernels._flash_common import (check_whole_tiles, dot, row_delta, softmax_finish_refs, softmax_init_refs,
+                                           softmax_step_refs, token_mask)
 from pallas_kernels.platform import check_smem, tpu_params
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -48,31 +49,17 @@ def _fwd_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, q
 
     @pl.when(c == 0)
     def _():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        softmax_init_refs(acc_ref, m_ref, l_ref)
 
     @pl.when(c < _count_at(count_ref, dims, b, n, i))
     def _():
-        v = v_ref[...]
         mask = _tile_mask(spec, i, _list_at(lists_ref, dims, b, n, i, c), block, qseg_ref, kseg_ref, qblk_ref,
                           kblk_ref, sel_ref)
-        s = jnp.where(mask, dot(q_ref[...], k_ref[...], trans_b=True) * scale, MASKED)  # [t, s]
-        m = m_ref[...]
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        corr = jnp.exp(m - m_new)
-        acc_ref[...] = acc_ref[...] * corr + dot(p.astype(v.dtype), v)
-        l_ref[...] = l_ref[...] * corr + p.sum(axis=1, keepdims=True)
-        m_ref[...] = m_new
+        softmax_step_refs(acc_ref, m_ref, l_ref, q_ref[...], k_ref[...], v_ref[...], mask, scale)
 
     @pl.when(c == pl.num_programs(3) - 1)
     def _():
-        l = l_ref[...]
-        empty = l == 0.0  # padding tokens and tokens with no visible key
-        safe = jnp.where(empty, 1.0, l)
-        o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, 0.0, m_ref[...] + jnp.log(safe))
+        softmax_finish_refs(acc_ref, m_ref, l_ref, o_ref, lse_ref)  # padding / no visible key: 0 and lse 0
 
 
 def _dq_kernel(lists_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._flash_common import MASKED, dot
+from pallas_kernels._flash_common import dot, softmax_finish_refs, softmax_init_refs, softmax_step_refs
 from pallas_kernels.platform import check_smem, tpu_params
 
 
@@ -99,30 +99,16 @@ def _fwd_kernel(keys_ref, info_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref
 
     @pl.when(w == 0)
     def _():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-        m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        softmax_init_refs(acc_ref, m_ref, l_ref)
 
     @pl.when(w < jax.lax.rem(key, 4))
     def _():
-        v = v_ref[...]
         mask = _mask(info_ref, (jax.lax.div(key, 4) + w) * kb, kb)
-        s = jnp.where(mask, dot(q_ref[...], k_ref[...], trans_b=True) * scale, MASKED)  # [rows, kb]
-        m = m_ref[...]
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        pr = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        corr = jnp.exp(m - m_new)
-        acc_ref[...] = acc_ref[...] * corr + dot(pr.astype(v.dtype), v)
-        l_ref[...] = l_ref[...] * corr + pr.sum(axis=1, keepdims=True)
-        m_ref[...] = m_new
+        softmax_step_refs(acc_ref, m_ref, l_ref, q_ref[...], k_ref[...], v_ref[...], mask, scale)
 
     @pl.when(w == 1)
     def _():
-        l = l_ref[...]
-        empty = l == 0.0  # padding rows
-        safe = jnp.where(empty, 1.0, l)
-        o_ref[...] = jnp.where(empty, 0.0, acc_ref[...] / safe)
-        lse_ref[...] = jnp.where(empty, 0.0, m_ref[...] + jnp.log(safe))
+        softmax_finish_refs(acc_ref, m_ref, l_ref, o_ref, lse_ref)  # padding rows: 0 and lse 0
 
 
 def _dq_kernel(keys_ref, info_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, scale, kb,
