@@ -321,6 +321,30 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     assert _losses(config.run_dir) == want
 
 
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """SIGTERM during a CLI run: the current step finishes, a checkpoint of it is saved (and is the latest), the
+    process exits with status 0 saying so."""
+    config = _run_config(tmp_path, "steps=200", "checkpoint_every=100")
+    args = [sys.executable, "-m", "spb2_jax.train", f"run_dir={config.run_dir}", f"model.preset={TINY}",
+            f"data.source={config.data.source}", "data.format=npy", "data.extensions=.npy", "data.seq_len=64",
+            "data.batch_size=4", "data.eval_documents=2", "steps=200", "checkpoint_every=100", "log_every=1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(config.run_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (os.path.exists(metrics) and
+                                                                    len(_losses(config.run_dir)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    from spb2_jax.train.checkpoints import RunCheckpoints
+
+    last = max(_losses(config.run_dir))
+    assert 2 <= last < 200 and f"SIGTERM: saved step {last} and stopped" in out
+    assert RunCheckpoints(config.run_dir).latest_step() == last
+
+
 # ----------------------------------------------------------------------------------------------- sharded
 
 def _sharded_losses(tmp_path, steps, *specs):
