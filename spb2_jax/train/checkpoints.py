@@ -22,7 +22,7 @@ from spb2_jax.train.step import TrainState
 class RunCheckpoints:
     """The checkpoints of one run directory (module docstring)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, save_every: int | None = None):
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
                                                save_interval_steps=1)

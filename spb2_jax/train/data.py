@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import sysconfig
-from typing import Any
 
 import grain
 import numpy as np
@@ -185,9 +184,3 @@ def batches(docs: grain.MapDataset, data: DataSection, rows: int, seed: int, *, 
                                                         shuffle_bins=False, meta_features=("loss_mask",))
     return packed.batch(rows, drop_remainder=True).map(_model_batch)
 
-
-def describe(batch: dict[str, Any]) -> str:
-    """One line about a batch: shape, real tokens, segments."""
-    seg = batch["segment_ids"]
-    return (f"{list(seg.shape)} rows x tokens, {int((seg > 0).sum())} real tokens, "
-            f"{int(sum(len(set(r[r > 0])) for r in seg))} segments")

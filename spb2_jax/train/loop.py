@@ -175,11 +175,12 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     with use_rules(mesh) if mesh is not None else contextlib.nullcontext():
         params = _initial_params(config, model_config, source, mesh) if resumed_from is None else None
         if params is None:  # resume: only shapes / shardings are needed
-            params = jax.tree.map(
-                lambda p, s: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=s),
-                abstract_params(model_config),
-                param_shardings(model_config, mesh) if mesh is not None else jax.tree.map(
-                    lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract_params(model_config)))
+            shapes = abstract_params(model_config)
+            one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = (param_shardings(model_config, mesh) if mesh is not None
+                         else jax.tree.map(lambda _: one_device, shapes))
+            params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=s), shapes,
+                                  shardings)
             opt_shapes = jax.eval_shape(optimizer.init, params)
             abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_shapes)
             state = ckpt.restore(abstract, iterator)
