@@ -278,6 +278,44 @@ def test_data_iterator_resumes_exactly():
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_array_record_source_gives_the_batches_of_the_same_npy_documents(tmp_path):
+    """The same pre-tokenised documents as ``.npy`` files and as ArrayRecord records (two files) give identical
+    batches; a record that is not whole int32 tokens is an error naming the record."""
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(3, 384, rng.integers(5, 120)).astype(np.int32) for _ in range(12)]
+    (tmp_path / "npy").mkdir()
+    (tmp_path / "ar").mkdir()
+    for i, d in enumerate(docs):
+        np.save(tmp_path / "npy" / f"doc{i:02d}.npy", d)
+    data_lib.write_array_record(tmp_path / "ar" / "part0.array_record", docs[:7])
+    data_lib.write_array_record(tmp_path / "ar" / "part1.array_record", docs[7:])
+
+    def first_batches(source, fmt):
+        section = DataSection(source=str(tmp_path / source), format=fmt, extensions=(".npy",), seq_len=48,
+                              eval_documents=2)
+        train_docs, held = data_lib.documents(section, None, 384, seed=3, eos=None)
+        it = iter(data_lib.batches(train_docs, section, rows=3, seed=3))
+        return [next(it) for _ in range(4)] + [next(iter(data_lib.batches(held, section, 3, 3, repeat=False)))]
+
+    npy = first_batches("npy", "npy")
+    for a, b in zip(npy, first_batches("ar", "arrayrecord")):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    (tmp_path / "bad").mkdir()
+    writer = ArrayRecordWriter(str(tmp_path / "bad" / "x.array_record"), "group_size:1")
+    writer.write(b"12345")
+    writer.write(b"1234")
+    writer.write(b"abcd")
+    writer.close()
+    section = DataSection(source=str(tmp_path / "bad"), format="arrayrecord", seq_len=8, eval_documents=0,
+                          shuffle=False)
+    train_docs, _ = data_lib.documents(section, None, 384, seed=0, eos=None)
+    with pytest.raises(ValueError, match="5 bytes is not a whole number of int32 tokens"):
+        [train_docs[i] for i in range(3)]
+
+
 # ----------------------------------------------------------------------------------------------- resume
 
 def _losses(run_dir):
@@ -375,3 +413,102 @@ def test_sharded_training_equals_one_device(tmp_path):
     their sign become updates of size ``lr`` in opposite directions. That amplification is Adam's, not the
     sharding's; a larger eps keeps the comparison about the sharded step (with it the gap is 2e-6 at step 5)."""
     _check_sharded(_sharded_losses(tmp_path, 5, "fsdp=2,sequence=2,data=2", "fsdp=8"), 5)
+
+
+# ----------------------------------------------------------------------------------------------- init / export
+
+def _first_batch_loss(config, params) -> float:
+    """The loss of the run's first batch under ``params``, computed here without the loop (``loss_parts`` on the
+    batch that ``data.batches`` yields first): the loss a run logs at step 1 when it starts from ``params``."""
+    from spb2_jax.train.step import loss_parts
+
+    model_config = SpB2Config.from_json_file(config.model.preset)
+    train_docs, _ = data_lib.documents(config.data, None, model_config.vocab_size, config.seed, None)
+    batch = next(iter(data_lib.batches(train_docs, config.data, config.data.batch_size, config.seed)))
+    model = SpB2ForCausalLM(model_config, resolve_options(model_config))
+    nll, count, aux = loss_parts(model, params, {k: jnp.asarray(v) for k, v in batch.items()}, None, 512)
+    return float(nll / count + model_config.aux_loss_coef * aux)
+
+
+def test_export_hf_then_init_from_it_or_from_the_run(tmp_path):
+    """``--export-hf`` writes an HF checkpoint holding the final params (``load_pretrained`` gives their logits);
+    ``--init-from`` the export or the run directory starts a new run from those params (its step-1 loss is the
+    first batch's loss under them, computed independently), a model that differs is refused before step 0, and
+    an export directory that already holds a checkpoint is refused before training."""
+    import spb2_jax
+
+    first = _run_config(tmp_path / "a", "steps=2")
+    export = tmp_path / "export"
+    result = train(first, export_hf=str(export))
+    trained = jax.device_get(result.state.params)
+    exported = spb2_jax.load_pretrained(export)
+    for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the very params, bit for bit
+    ids = jnp.asarray([[5, 9, 200, 17, 3, 44]])
+    want = np.asarray(SpB2ForCausalLM(exported.config, resolve_options(exported.config)).apply(
+        {"params": trained}, ids).logits)
+    # the handle jits the forward, the reference runs op by op: float32 reassociation only
+    np.testing.assert_allclose(np.asarray(exported(ids).logits), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+    expected = _first_batch_loss(first, trained)
+    for name, source in (("b", export), ("c", first.run_dir)):
+        config = _run_config(tmp_path / name, "steps=1", f"model.init_from={source}")
+        assert _losses(train(config).run_dir)[1] == pytest.approx(expected, rel=1e-6), name
+    assert abs(_losses(first.run_dir)[1] - expected) > 1e-3  # the random init's loss differs
+
+    other = json.load(open(TINY)) | {"intermediate_size": 96}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(TrainError, match="is not the model being trained"):
+        train(_run_config(tmp_path / "d", "steps=1", f"model.preset={tmp_path / 'other.json'}",
+                          f"model.init_from={export}"))
+    with pytest.raises(TrainError, match="already holds a checkpoint"):
+        train(_run_config(tmp_path / "e", "steps=1"), export_hf=str(export))
+    assert not os.path.exists(tmp_path / "e" / "run" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------- multi-host
+
+def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
+    """Two CLI processes (one CPU device each) joined by ``--coordinator`` on localhost train over ``mesh=data=2``:
+    each reads its own half of the documents (``process_index::2``) and the step-1 loss both log is the loss of
+    the global batch (process 0's rows then process 1's) under the initial params, computed here in one process;
+    only process 0 writes ``metrics.jsonl``. Launched again with more steps, both resume from the shared
+    checkpoint and log only the new steps."""
+    from tests.test_multihost import _free_port
+
+    config = _run_config(tmp_path, "steps=2", "mesh=data=2")
+    base = [f"run_dir={config.run_dir}", f"model.preset={TINY}", f"data.source={config.data.source}",
+            "data.format=npy", "data.extensions=.npy", "data.seq_len=64", "data.batch_size=4",
+            "data.eval_documents=2", "checkpoint_every=2", "log_every=1", "mesh=data=2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+
+    def launch(steps):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "spb2_jax.train", "--coordinator", f"localhost:{port}",
+                                   "--num-processes", "2", "--process-id", str(i), *base, f"steps={steps}"],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+        return outs
+
+    outs = launch(2)
+    logged = _losses(config.run_dir)
+    assert sorted(logged) == [1, 2]
+    assert all(f"done: step 2 loss {logged[2]:.4f}" in o for o in outs)  # both processes saw the same loss
+
+    params = init_params(SpB2Config.from_json_file(TINY), jax.random.key(config.seed))
+    model_config = SpB2Config.from_json_file(TINY)
+    train_docs, _ = data_lib.documents(config.data, None, model_config.vocab_size, config.seed, None)
+    rows = [next(iter(data_lib.batches(train_docs, config.data, 2, config.seed, process_index=i, process_count=2)))
+            for i in range(2)]
+    batch = {k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]}
+    from spb2_jax.train.step import loss_parts
+
+    model = SpB2ForCausalLM(model_config, resolve_options(model_config))
+    nll, count, aux = loss_parts(model, params, batch, None, 512)
+    assert logged[1] == pytest.approx(float(nll / count + model_config.aux_loss_coef * aux), rel=1e-5)
+
+    outs = launch(3)
+    assert all("resumed from" in o for o in outs)
+    assert sorted(_losses(config.run_dir)) == [1, 2, 3]

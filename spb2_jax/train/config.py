@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 SCHEDULES = ("cosine", "linear", "constant")
-FORMATS = ("text", "jsonl", "npy")
+FORMATS = ("text", "jsonl", "npy", "arrayrecord")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "full", "save_dots", "save_mixer_outputs")
 
@@ -53,11 +53,15 @@ class DataSection:
 
     source: a file, a directory (every file with an ``extensions`` suffix, recursively) or ``"python-stdlib"``
     (the ``.py`` files of this Python's standard library: text every machine has) or ``"recall"`` (synthetic
-    multi-query associative recall). format: text | jsonl (``field``) | npy (pre-tokenised 1-D token arrays).
+    multi-query associative recall). format: text | jsonl (``field``) | npy (pre-tokenised 1-D token arrays) |
+    arrayrecord (pre-tokenised: one record of int32 tokens per document).
     tokenizer: a ``tokenizer.json`` (default: the checkpoint's, else the tiny byte-level one shipped with the
     package). Documents are split into pieces of at most ``seq_len`` tokens and packed into rows of ``seq_len``
     with segment ids; ``batch_size`` rows per step, split into ``microbatches`` accumulated in one update.
-    ``eval_documents`` documents are held out (never trained on) for the eval.
+    ``eval_documents`` documents are held out (never trained on) for the eval. ``recall_*``: the recall task
+    (``data.recall_example``): pairs per sequence (training draws them from ``[recall_min_pairs, recall_pairs]``
+    when ``recall_min_pairs`` is set; held-out sequences always have ``recall_pairs``), queries (0: each key
+    once), and how many ids keys and values are each drawn from (0: half of the ids above the special tokens).
     """
 
     source: str = "python-stdlib"
@@ -73,6 +77,8 @@ class DataSection:
     eval_documents: int = 16
     recall_pairs: int = 16
     recall_queries: int = 16
+    recall_vocab: int = 0
+    recall_min_pairs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +140,8 @@ class TrainConfig:
         _choice("model.impl", m.impl, ("xla", "pallas", "reference"))
         _choice("data.format", d.format, FORMATS)
         _positive(d, "seq_len", "batch_size", "microbatches", prefix="data.")
-        _nonneg(d, "max_documents", "eval_documents", "recall_pairs", "recall_queries", prefix="data.")
+        _nonneg(d, "max_documents", "eval_documents", "recall_pairs", "recall_queries", "recall_vocab",
+                "recall_min_pairs", prefix="data.")
         if d.seq_len < 2:
             raise ConfigError(f"data.seq_len={d.seq_len} must be at least 2 (a token and its successor)")
         if d.batch_size % d.microbatches:

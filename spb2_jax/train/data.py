@@ -2,7 +2,9 @@
 segment ids -> batches, resumable (the iterator's state goes into every checkpoint).
 
 Sources (``DataSection``): text files or directories (one document per file), jsonl (one document per line, the
-``field`` value), pre-tokenised ``.npy`` files (one 1-D integer array per file), ``"python-stdlib"`` (the ``.py``
+``field`` value), pre-tokenised ``.npy`` files (one 1-D integer array per file), pre-tokenised ArrayRecord files
+(``format: arrayrecord``; one document per record: its tokens as little-endian int32 bytes, read with
+``grain.sources.ArrayRecordDataSource``; ``write_array_record`` writes them), ``"python-stdlib"`` (the ``.py``
 files of the running Python's standard library: text every machine has without a download) and ``"recall"``
 (synthetic multi-query associative recall, ``recall_example``). Text is tokenized by the checkpoint's tokenizer
 (or ``data.tokenizer``; default the tiny byte-level BPE shipped in ``spb2_jax/assets/tiny``) with an end-of-text
@@ -79,13 +81,32 @@ def _jsonl_documents(files: list[str], field: str) -> list[str]:
     return docs
 
 
+def write_array_record(path: str, documents) -> None:
+    """Write pre-tokenised ``documents`` (1-D integer arrays) to an ArrayRecord file, one record per document
+    (little-endian int32 bytes): the ``format: arrayrecord`` source."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
+    try:
+        for doc in documents:
+            writer.write(np.asarray(doc, "<i4").tobytes())
+    finally:
+        writer.close()
+
+
 class _Encode:
-    """Document (a file path, a string, or an ``.npy`` path) -> ``int32`` tokens (+ end-of-text)."""
+    """Document (a file path, a string, an ``.npy`` path, or a record index) -> ``int32`` tokens (+ end-of-text)."""
 
-    def __init__(self, kind: str, tokenizer: Tokenizer | None, eos: int | None):
-        self.kind, self.tokenizer, self.eos = kind, tokenizer, eos
+    def __init__(self, kind: str, tokenizer: Tokenizer | None, eos: int | None, records=None):
+        self.kind, self.tokenizer, self.eos, self.records = kind, tokenizer, eos, records
 
-    def __call__(self, doc: str) -> np.ndarray:
+    def __call__(self, doc) -> np.ndarray:
+        if self.kind == "arrayrecord":
+            record = self.records[int(doc)]
+            if len(record) % 4:
+                raise ValueError(f"ArrayRecord record {doc}: {len(record)} bytes is not a whole number of int32 "
+                                 f"tokens (records must be pre-tokenised little-endian int32)")
+            return np.frombuffer(record, "<i4").astype(np.int32)
         if self.kind == "npy":
             tokens = np.load(doc)
             if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -101,23 +122,35 @@ class _Encode:
         return np.asarray(ids, np.int32)
 
 
-def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """Multi-query associative recall (Zoology's MQAR): ``pairs`` distinct keys each followed by its value, then
-    ``queries`` of those keys (in random order, with repeats) each followed by its value again. Only those answer
-    tokens are targets (``loss_mask``). Keys and values are drawn from two disjoint halves of the ids above the
-    3 special tokens; example ``index`` of stream ``seed`` is always the same (``np.random.default_rng``)."""
+def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: int, symbols: int = 0,
+                   min_pairs: int = 0) -> dict[str, np.ndarray]:
+    """Multi-query associative recall (Zoology's MQAR): ``p`` distinct keys each followed by its value, then queries
+    of those keys each followed by its value again; only those answers are targets (``loss_mask``).
+
+    ``p`` is ``pairs``, or uniform in ``[min_pairs, pairs]`` when ``0 < min_pairs < pairs`` (a mix of short and
+    long examples: short ones teach the lookup quickly, packing fills the rows). There are ``queries`` queries, or
+    ``p`` when ``queries`` is 0; they ask the keys in a random order, every key once before any key again, so an
+    answer is never in the last few tokens unless every key was asked since (no shortcut by copying the previous
+    query). Keys are ids ``3 .. 3 + S - 1`` and values ids ``3 + S .. 3 + 2 S - 1`` with ``S = symbols`` (0: half
+    of the ids above the 3 special tokens), so chance accuracy is ``1 / S``. Example ``index`` of stream ``seed``
+    is always the same (``np.random.default_rng``)."""
     rng = np.random.default_rng([seed, index])
-    half = (vocab_size - 3) // 2
+    half = symbols or (vocab_size - 3) // 2
+    if 2 * half + 3 > vocab_size:
+        raise ValueError(f"data.recall_vocab={symbols} needs a vocabulary of at least {2 * half + 3} ids, the model "
+                         f"has {vocab_size}")
     if pairs > half:
-        raise ValueError(f"data.recall_pairs={pairs} needs a vocabulary of at least {2 * pairs + 3} ids")
-    keys = 3 + rng.choice(half, pairs, replace=False)
-    values = 3 + half + rng.integers(0, half, pairs)
-    asked = rng.integers(0, pairs, queries)
+        raise ValueError(f"data.recall_pairs={pairs} needs at least {pairs} key ids, data.recall_vocab gives {half}")
+    p = int(rng.integers(min_pairs, pairs + 1)) if 0 < min_pairs < pairs else pairs
+    keys = 3 + rng.choice(half, p, replace=False)
+    values = 3 + half + rng.integers(0, half, p)
+    q = queries or p
+    asked = np.concatenate([rng.permutation(p) for _ in range(-(-q // p))])[:q]
     context = np.stack([keys, values], 1).reshape(-1)
     probe = np.stack([keys[asked], values[asked]], 1).reshape(-1)
     tokens = np.concatenate([context, probe]).astype(np.int32)
     mask = np.zeros_like(tokens)
-    mask[2 * pairs + 1::2] = 1
+    mask[2 * p + 1::2] = 1
     return {"tokens": tokens, "loss_mask": mask}
 
 
@@ -146,16 +179,20 @@ def _model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def documents(data: DataSection, tokenizer: Tokenizer | None, vocab_size: int, seed: int, eos: int | None):
     """``(train, held_out)`` ``grain.MapDataset`` of documents ``{"tokens", "loss_mask"}`` (module docstring)."""
     if data.source == "recall":
-        make = lambda i: recall_example(i, seed, data.recall_pairs, data.recall_queries, vocab_size)  # noqa
+        make = lambda i: recall_example(i, seed, data.recall_pairs, data.recall_queries, vocab_size,  # noqa
+                                        data.recall_vocab, data.recall_min_pairs)
         held = lambda i: recall_example(i, seed + 1_000_003, data.recall_pairs, data.recall_queries,  # noqa
-                                        vocab_size)
+                                        vocab_size, data.recall_vocab)
         n = data.max_documents or 1 << 30
         return grain.MapDataset.range(n).map(make), grain.MapDataset.range(max(data.eval_documents, 1)).map(held)
-    files = _files(data.source, () if data.format == "jsonl" else data.extensions)
+    files = _files(data.source, () if data.format in ("jsonl", "arrayrecord") else data.extensions)
     if data.format == "jsonl":
         docs, encode = _jsonl_documents(files, data.field), _Encode("text", tokenizer, eos)
     elif data.format == "npy":
         docs, encode = files, _Encode("npy", None, None)
+    elif data.format == "arrayrecord":
+        records = grain.sources.ArrayRecordDataSource(files)
+        docs, encode = list(range(len(records))), _Encode("arrayrecord", None, None, records)
     else:
         docs, encode = files, _Encode("file", tokenizer, eos)
     order = np.random.default_rng(seed).permutation(len(docs))

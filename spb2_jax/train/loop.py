@@ -151,6 +151,9 @@ def _load_init_from(path: str, model_config: SpB2Config, params, mesh):
 def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     """Run (or resume) the training run ``config`` describes (module docstring)."""
     _check_run_dir(config.run_dir)
+    if export_hf and os.path.exists(os.path.join(export_hf, "config.json")):
+        raise TrainError(f"--export-hf {export_hf}: already holds a checkpoint (config.json); choose a new "
+                         f"directory or remove it")
     mesh = _mesh(config)
     _check_shapes(config, mesh)
     model_config, source, checkpoint_dir = _model(config)
@@ -160,7 +163,7 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
-    tokenizer = None if d.source == "recall" or d.format == "npy" else data_lib.load_tokenizer(d, checkpoint_dir)
+    tokenizer = None if d.source == "recall" or d.format in ("npy", "arrayrecord") else data_lib.load_tokenizer(d, checkpoint_dir)
     eos = model_config.eos_token_id
     eos = eos[0] if isinstance(eos, tuple) else eos
     train_docs, held_docs = data_lib.documents(d, tokenizer, model_config.vocab_size, config.seed, eos)
@@ -238,16 +241,34 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
             ckpt.close()
             log.close()
         samples = []
+        want_samples = bool(config.sample_prompts) and tokenizer is not None and not stop["signal"]
+        multi = jax.process_count() > 1
+        # Several processes: every process takes part in gathering the params; process 0 then samples on its own
+        # first device (no cross-process generate) and writes the export.
+        host = _host_params(state.params) if export_hf or (want_samples and multi) else None
         if jax.process_index() == 0:
             plot_loss(config.run_dir)
-            if config.sample_prompts and tokenizer is not None and not stop["signal"]:
-                samples = sample(model_config, options, state.params, tokenizer, config.sample_prompts,
-                                 config.sample_tokens, config.sample_temperature, config.seed, mesh)
+            if want_samples:
+                params, sample_mesh, sample_options = state.params, mesh, options
+                if multi:
+                    params, sample_mesh = host, None
+                    sample_options = resolve_options(model_config, dtype=config.model.dtype, impl=config.model.impl)
+                samples = sample(model_config, sample_options, params, tokenizer, config.sample_prompts,
+                                 config.sample_tokens, config.sample_temperature, config.seed, sample_mesh)
                 with open(os.path.join(config.run_dir, "samples.txt"), "w") as f:
                     f.write("\n\n----\n".join(samples) + "\n")
             if export_hf:
-                save_hf(model_config, jax.device_get(state.params), export_hf, progress=False)
+                save_hf(model_config, host, export_hf, progress=False)
     return RunResult(state, metrics, config.run_dir, resumed_from, stop["signal"], samples)
+
+
+def _host_params(params):
+    """The params as host numpy arrays; with several processes every process must call this (an all-gather)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _evaluate(eval_fn, params, held_docs, config: TrainConfig, mesh) -> tuple[float, float]:
