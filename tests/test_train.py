@@ -108,12 +108,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 # ----------------------------------------------------------------------------------------------- step
 
-def _state_and_step(config, microbatches, optimizer=None, dtype=jnp.float32, **kw):
+def _state_and_step(config, microbatches, optimizer=None, dtype=jnp.float32, compute=None, **kw):
     opt = load_config(None, [f"model.preset={TINY}", "optimizer.lr=1e-2"]).optimizer
     optimizer = optimizer or make_optimizer(opt, 10)
     params = jax.jit(lambda k: init_params(config, k, param_dtype=dtype))(jax.random.key(0))
     state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
-    step = jax.jit(make_train_step(config, resolve_options(config, dtype=dtype), optimizer, learning_rate(opt, 10),
+    options = resolve_options(config, dtype=compute or dtype)
+    step = jax.jit(make_train_step(config, options, optimizer, learning_rate(opt, 10),
                                    microbatches=microbatches, loss_tile=32, **kw))
     return state, step
 
@@ -175,6 +176,31 @@ def test_four_microbatches_equal_one_batch_float32():
     and cancelling sums amplify float32 rounding — so the update is pinned by the float64 test, not here.)"""
     m1, m4, _ = _accumulation_gap(SpB2Config.from_json_file(TINY).replace(aux_loss_coef=0.0), jnp.float32)
     _check_accumulation(m1, m4, 0.0)
+
+
+def test_bf16_compute_keeps_float32_master_params_and_a_float32_loss():
+    """``model.dtype=bfloat16``: params, optimizer state and the step's metrics stay float32 (flax casts each kernel
+    at use) and the step changes the params. The loss is the mean CE of bf16 logits accumulated in float32: it
+    differs from the float32 step's loss by at most ``2 max|z_bf16 - z_f32|`` (CE is 2-Lipschitz in the logits in
+    the max norm), with the logits difference measured on the same batch — a CE summed in bf16 (8 significant
+    bits over ~300 targets) would break that."""
+    config = SpB2Config.from_json_file(TINY).replace(aux_loss_coef=0.0)
+    batch = _packed_batch()
+    (s32, step32), (s16, step16) = (_state_and_step(config, 1, dtype=jnp.float32, compute=d)
+                                    for d in (jnp.float32, jnp.bfloat16))
+    new, m16 = jax.device_get(step16(s16, batch))
+    _, m32 = jax.device_get(step32(s32, batch))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new.params, new.opt_state)) if x.ndim)
+    assert all(np.asarray(v).dtype in (np.float32, np.bool_) for v in m16.values())
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(s16.params)))
+
+    def logits(dtype):
+        model = SpB2ForCausalLM(config, resolve_options(config, dtype=dtype))
+        return np.asarray(model.apply({"params": s32.params}, batch["input_ids"],
+                                      segment_ids=batch["segment_ids"]).logits, np.float64)
+
+    gap = np.max(np.abs(logits(jnp.bfloat16) - logits(jnp.float32)))
+    assert 0 < abs(m16["loss"] - m32["loss"]) <= 2 * gap + 1e-6, (m16["loss"], m32["loss"], gap)
 
 
 def test_targets_skip_segment_starts_padding_and_masked_tokens():
