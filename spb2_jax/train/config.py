@@ -59,9 +59,9 @@ class DataSection:
     package). Documents are split into pieces of at most ``seq_len`` tokens and packed into rows of ``seq_len``
     with segment ids; ``batch_size`` rows per step, split into ``microbatches`` accumulated in one update.
     ``eval_documents`` documents are held out (never trained on) for the eval. ``recall_*``: the recall task
-    (``data.recall_example``): pairs per sequence (training draws them from ``[recall_min_pairs, recall_pairs]``
-    when ``recall_min_pairs`` is set; held-out sequences always have ``recall_pairs``), queries (0: each key
-    once), and how many ids keys and values are each drawn from (0: half of the ids above the special tokens).
+    (``data.recall_example``): pairs and queries (0: each key once) of a sequence, how many ids keys and values are
+    each drawn from (0: half of the ids above the special tokens), and how many training examples come first as
+    short ones (a curriculum; held-out sequences are always full-length). The recall stream is never shuffled.
     """
 
     source: str = "python-stdlib"
@@ -78,7 +78,7 @@ class DataSection:
     recall_pairs: int = 16
     recall_queries: int = 16
     recall_vocab: int = 0
-    recall_min_pairs: int = 0
+    recall_short_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ class TrainConfig:
         _choice("data.format", d.format, FORMATS)
         _positive(d, "seq_len", "batch_size", "microbatches", prefix="data.")
         _nonneg(d, "max_documents", "eval_documents", "recall_pairs", "recall_queries", "recall_vocab",
-                "recall_min_pairs", prefix="data.")
+                "recall_short_examples", prefix="data.")
         if d.seq_len < 2:
             raise ConfigError(f"data.seq_len={d.seq_len} must be at least 2 (a token and its successor)")
         if d.batch_size % d.microbatches:

@@ -123,17 +123,19 @@ class _Encode:
 
 
 def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: int, symbols: int = 0,
-                   min_pairs: int = 0) -> dict[str, np.ndarray]:
-    """Multi-query associative recall (Zoology's MQAR): ``p`` distinct keys each followed by its value, then queries
-    of those keys each followed by its value again; only those answers are targets (``loss_mask``).
+                   short_examples: int = 0) -> dict[str, np.ndarray]:
+    """Multi-query associative recall (Zoology's MQAR): ``p`` distinct keys each followed by its value, then ``q``
+    queries of those keys each followed by its value again; only those answers are targets (``loss_mask``).
 
-    ``p`` is ``pairs``, or uniform in ``[min_pairs, pairs]`` when ``0 < min_pairs < pairs`` (a mix of short and
-    long examples: short ones teach the lookup quickly, packing fills the rows). There are ``queries`` queries, or
-    ``p`` when ``queries`` is 0; they ask the keys in a random order, every key once before any key again, so an
-    answer is never in the last few tokens unless every key was asked since (no shortcut by copying the previous
-    query). Keys are ids ``3 .. 3 + S - 1`` and values ids ``3 + S .. 3 + 2 S - 1`` with ``S = symbols`` (0: half
-    of the ids above the 3 special tokens), so chance accuracy is ``1 / S``. Example ``index`` of stream ``seed``
-    is always the same (``np.random.default_rng``)."""
+    A full-length example has ``p = pairs`` and ``q = queries`` (``p`` when 0). The first ``short_examples`` of the
+    stream (a curriculum: the training stream of ``recall`` is not shuffled, each example is random already) are
+    short instead: ``p`` uniform in ``[1, max(1, pairs // 2)]`` and ``q = p``. They teach the lookup quickly —
+    trained on full-length examples only, or on a mix, a tiny model sits on the "predict any value in the context"
+    plateau for many hundreds of steps (BENCHMARKS.md) — and packing puts several in a row. Held-out examples are
+    always full-length. Queries ask
+    the keys in a random order, every key once before any key again. Keys are ids ``3 .. 3 + S - 1`` and values
+    ids ``3 + S .. 3 + 2 S - 1`` with ``S = symbols`` (0: half of the ids above the 3 special tokens), so chance
+    accuracy is ``1 / S``. Example ``index`` of stream ``seed`` is always the same (``np.random.default_rng``)."""
     rng = np.random.default_rng([seed, index])
     half = symbols or (vocab_size - 3) // 2
     if 2 * half + 3 > vocab_size:
@@ -141,10 +143,13 @@ def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: 
                          f"has {vocab_size}")
     if pairs > half:
         raise ValueError(f"data.recall_pairs={pairs} needs at least {pairs} key ids, data.recall_vocab gives {half}")
-    p = int(rng.integers(min_pairs, pairs + 1)) if 0 < min_pairs < pairs else pairs
+    if index < short_examples:
+        p = int(rng.integers(1, max(1, pairs // 2) + 1))
+        q = p
+    else:
+        p, q = pairs, queries or pairs
     keys = 3 + rng.choice(half, p, replace=False)
     values = 3 + half + rng.integers(0, half, p)
-    q = queries or p
     asked = np.concatenate([rng.permutation(p) for _ in range(-(-q // p))])[:q]
     context = np.stack([keys, values], 1).reshape(-1)
     probe = np.stack([keys[asked], values[asked]], 1).reshape(-1)
@@ -180,7 +185,7 @@ def documents(data: DataSection, tokenizer: Tokenizer | None, vocab_size: int, s
     """``(train, held_out)`` ``grain.MapDataset`` of documents ``{"tokens", "loss_mask"}`` (module docstring)."""
     if data.source == "recall":
         make = lambda i: recall_example(i, seed, data.recall_pairs, data.recall_queries, vocab_size,  # noqa
-                                        data.recall_vocab, data.recall_min_pairs)
+                                        data.recall_vocab, data.recall_short_examples)
         held = lambda i: recall_example(i, seed + 1_000_003, data.recall_pairs, data.recall_queries,  # noqa
                                         vocab_size, data.recall_vocab)
         n = data.max_documents or 1 << 30
@@ -211,7 +216,7 @@ def batches(docs: grain.MapDataset, data: DataSection, rows: int, seed: int, *, 
             process_count: int = 1, repeat: bool = True, shuffle: bool | None = None) -> grain.IterDataset:
     """Packed batches of ``rows`` rows of ``data.seq_len`` tokens from this host's share of ``docs``."""
     ds = docs[process_index::process_count]
-    if data.shuffle if shuffle is None else shuffle:
+    if (data.shuffle if shuffle is None else shuffle) and data.source != "recall":
         ds = ds.shuffle(seed)
     if repeat:
         ds = ds.repeat(None)
