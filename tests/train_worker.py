@@ -26,7 +26,7 @@ def main(run_root: str, docs: str, steps: str, *args: str) -> None:
         config = load_config(None, [f"run_dir={run_dir}", f"model.preset={REPO / 'configs' / 'tiny.json'}",
                                     f"data.source={docs}", "data.format=npy", "data.extensions=.npy",
                                     "data.seq_len=64", "data.batch_size=8", "data.eval_documents=2", f"steps={steps}",
-                                    f"checkpoint_every={steps}", "log_every=1", "optimizer.lr=3e-3",
+                                    f"checkpoint_every={steps}", "log_every=1", "optimizer.lr=1e-3",
                                     "optimizer.eps=1e-3",  # see test_sharded_training_equals_one_device
                                     f"mesh={spec}", *extra])
         train(config)

@@ -4,9 +4,10 @@
 
 For each remat policy: the jitted ``spb2_jax.train.step.make_train_step`` (AdamW, batch ``--batch`` rows of
 ``--seq-len`` tokens, float32 master params, ``--dtype`` compute) is compiled, run once, then timed over
-``--steps`` steps. Reported: tokens/s, model FLOPs per token (``spb2_jax.train.flops``), MFU against the device's
-peak — on CPU there is no data-sheet peak, so the peak is measured: the best FLOP/s of a float32 2048^3 matmul on
-this machine (``--peak-flops`` overrides) — the compiled program's temporary memory (XLA ``memory_analysis``) and
+``--steps`` steps (run one policy per process for a per-policy peak RSS). Reported: tokens/s, model FLOPs per
+token (``spb2_jax.train.flops``), MFU (model FLOPs) and HFU (plus recomputation) against the device's peak — on
+CPU there is no data-sheet peak, so the peak is measured: the best FLOP/s of a float32 2048^3 matmul on this
+machine (``--peak-flops`` overrides) — the compiled program's temporary memory (XLA ``memory_analysis``) and
 the process's peak RSS.
 """
 
@@ -64,8 +65,8 @@ def main(argv=None):
     print(f"config={args.config} T={args.seq_len} batch={args.batch} dtype={args.dtype} "
           f"backend={jax.default_backend()} peak={peak / 1e9:.1f} GFLOP/s "
           f"({'data sheet / given' if args.peak_flops or peak_flops(jax.devices()[0]) else 'measured matmul'})")
-    print("| remat | tokens/s | step s | GFLOP/token | MFU | compiled temp GiB | peak RSS GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| remat | tokens/s | step s | model GFLOP/token | MFU | HFU | compiled temp GiB | peak RSS GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for remat in args.remat.split(","):
         options = resolve_options(config, dtype=args.dtype, remat=remat)
         step = jax.jit(make_train_step(config, options, optimizer, learning_rate(opt, 100), loss_tile=512))
@@ -77,11 +78,12 @@ def main(argv=None):
             out = compiled(state, batch)
         jax.block_until_ready(out)
         dt = (time.perf_counter() - t0) / args.steps
-        flops = train_flops_per_token(config, abstract_params(config), args.seq_len, remat=remat)
+        model_flops = train_flops_per_token(config, abstract_params(config), args.seq_len)
+        hardware_flops = train_flops_per_token(config, abstract_params(config), args.seq_len, remat=remat)
         tps = tokens / dt
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        print(f"| {remat} | {tps:,.0f} | {dt:.2f} | {flops / 1e9:.3f} | {100 * flops * tps / peak:.1f}% | "
-              f"{temp:.2f} | {rss:.2f} |", flush=True)
+        print(f"| {remat} | {tps:,.0f} | {dt:.2f} | {model_flops / 1e9:.3f} | {100 * model_flops * tps / peak:.1f}% "
+              f"| {100 * hardware_flops * tps / peak:.1f}% | {temp:.2f} | {rss:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ Per token of a row of ``T`` tokens (a multiply-add = 2 FLOPs), forward:
   ``4 K V`` (state contribution to the output and the state update) + ``2 c (K + V)`` (the intra-chunk
   attention, ``c / 2`` keys on average, scores and values, and the chunk's WY / UT solve, counted once).
 
-Training = 3 x forward (the backward is two matmuls per forward matmul), plus one more forward per recomputed
-block: ``remat="full"`` adds 1 x forward (``save_dots`` / ``save_mixer_outputs`` recompute only elementwise
-work and are counted as no remat). MFU = (FLOPs per token x tokens per second) / the devices' peak FLOP/s.
+Training = 3 x forward (the backward is two matmuls per forward matmul): the model FLOPs. MFU = (model FLOPs per
+token x tokens per second) / the devices' peak FLOP/s, whatever the remat policy (PaLM's definition: recomputation
+is not useful work). The hardware FLOPs (HFU) add one more forward per recomputed block: ``remat="full"`` adds
+1 x forward (``save_dots`` / ``save_mixer_outputs`` recompute only elementwise work and are counted as no remat).
 Norms, activations, routing and the loss's softmax are not counted (< 1% at these sizes), as in MaxText.
 """
 
@@ -79,7 +80,8 @@ def mixer_flops(config: SpB2Config, seq_len: int, chunk_size: int = 64) -> float
 
 def train_flops_per_token(config: SpB2Config, params_shapes, seq_len: int, *, remat: str = "none",
                           chunk_size: int = 64) -> float:
-    """Training FLOPs per token: ``(3 + [remat == "full"]) x (2 n_matmul + mixer FLOPs)``."""
+    """Training FLOPs per token: ``(3 + [remat == "full"]) x (2 n_matmul + mixer FLOPs)``; with the default
+    ``remat="none"`` the model FLOPs of MFU, with the run's policy the hardware FLOPs of HFU."""
     forward = 2 * matmul_params(config, params_shapes) + mixer_flops(config, seq_len, chunk_size)
     return (4 if remat == "full" else 3) * forward
 

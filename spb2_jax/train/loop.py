@@ -197,8 +197,7 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
         log = RunLog(config.run_dir, total_steps=config.steps, start_step=start, is_primary=jax.process_index() == 0)
         if resumed_from is not None:
             log.message(f"resumed from {ckpt.directory}/{resumed_from} (step {start})")
-        flops = train_flops_per_token(model_config, abstract_params(model_config), d.seq_len,
-                                      remat=config.model.remat)
+        flops = train_flops_per_token(model_config, abstract_params(model_config), d.seq_len)  # model FLOPs
         peak = peak_flops(jax.devices()[0])
         stop = {"signal": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True))
