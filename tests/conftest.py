@@ -61,6 +61,7 @@ LONG_FIRST = (
     "tests/test_train.py::test_four_microbatches_equal_one_batch",
     "tests/test_train.py::test_sharded_training_equals_one_device",
     "tests/test_train.py::test_resume_after_sigkill_is_bitwise",
+    "tests/test_train.py::test_sigterm_saves_and_exits_cleanly",
     "tests/test_pallas_tpu_kernels.py::test_tpu_kernels_under_the_tpu_simulator",
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import zlib
 from pathlib import Path
 
@@ -30,6 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPB2_SHARED", REPO.parent / "shared"))
 OFFICIAL = SHARED / "fixtures" / "official"
 FIXTURES = ("tiny", "tiny-mask", "tiny-gla", "tiny-gla-mask", "tiny-var", "tiny-leftpad")
+
+
+def free_port() -> int:
+    """A free localhost TCP port (for a ``jax.distributed`` coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def fixture_dir(name: str) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,10 @@ import time
 import numpy as np
 
 import spb2_jax as spb2
-from tests.helpers import REPO, fixture_dir
+from tests.helpers import REPO, fixture_dir, free_port
 
 PAIRS = ("tiny-leftpad:sequence=4", "tiny-gla:fsdp=2,sequence=2")
 TIMEOUT_S = 300  # ~35 s when the machine is idle; generous because other test runs share its 2 cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _rel(a, b) -> float:
@@ -50,7 +43,7 @@ def _reference(name: str) -> np.ndarray:
 
 
 def test_two_process_sequence_sharded_forward_equals_one_device(tmp_path):
-    port = _free_port()
+    port = free_port()
     logs = [(tmp_path / f"process{i}.out", tmp_path / f"process{i}.err") for i in range(2)]
     procs = []
     deadline = time.monotonic() + TIMEOUT_S

@@ -25,7 +25,7 @@ from spb2_jax.train.__main__ import main as cli_main
 from spb2_jax.train.config import DataSection
 from spb2_jax.train.optim import decays, learning_rate, make_optimizer
 from spb2_jax.train.step import targets
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 TINY = os.path.join(REPO, "configs", "tiny.json")
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # many small programs; subprocesses get the same setting
@@ -178,6 +178,7 @@ def test_four_microbatches_equal_one_batch_float32():
     _check_accumulation(m1, m4, 0.0)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_master_params_and_a_float32_loss():
     """``model.dtype=bfloat16``: params, optimizer state and the step's metrics stay float32 (flax casts each kernel
     at use) and the step changes the params. The loss is the mean CE of bf16 logits accumulated in float32: it
@@ -479,6 +480,7 @@ def _first_batch_loss(config, params) -> float:
     return float(nll / count + model_config.aux_loss_coef * aux)
 
 
+@pytest.mark.slow
 def test_export_hf_then_init_from_it_or_from_the_run(tmp_path):
     """``--export-hf`` writes an HF checkpoint holding the final params (``load_pretrained`` gives their logits);
     ``--init-from`` the export or the run directory starts a new run from those params (its step-1 loss is the
@@ -524,8 +526,6 @@ def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
     the global batch (process 0's rows then process 1's) under the initial params, computed here in one process;
     only process 0 writes ``metrics.jsonl``. Launched again with more steps, both resume from the shared
     checkpoint and log only the new steps."""
-    from tests.test_multihost import _free_port
-
     config = _run_config(tmp_path, "steps=2", "mesh=data=2")
     base = [f"run_dir={config.run_dir}", f"model.preset={TINY}", f"data.source={config.data.source}",
             "data.format=npy", "data.extensions=.npy", "data.seq_len=64", "data.batch_size=4",
@@ -533,7 +533,7 @@ def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
 
     def launch(steps):
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, "-m", "spb2_jax.train", "--coordinator", f"localhost:{port}",
                                    "--num-processes", "2", "--process-id", str(i), *base, f"steps={steps}"],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
