@@ -3,9 +3,11 @@
 Resumes automatically when ``run_dir`` already holds a checkpoint. Multi-host: run the same command on every host
 with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed`` where jax detects the
 cluster itself: TPU pods, SLURM); ``jax.distributed.initialize`` runs before anything else touches jax, each
-process reads its own share of the data and the mesh spans every process's devices. A user mistake (bad config field, unwritable
-run directory, mesh or batch mismatch, missing file) prints one ``error:`` line and exits with status 2; a
-non-finite loss prints ``error: step N: ...`` and exits with status 3.
+process reads its own share of the data and the mesh spans every process's devices.
+
+A user mistake (bad config field, unwritable run directory, mesh or batch mismatch, missing file, incomplete
+multi-host flags) prints one ``error:`` line and exits with status 2; a non-finite loss prints
+``error: step N: ...`` and exits with status 3.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
-    tokenizer = None if d.source == "recall" or d.format in ("npy", "arrayrecord") else data_lib.load_tokenizer(d, checkpoint_dir)
+    pretokenised = d.source == "recall" or d.format in ("npy", "arrayrecord")
+    tokenizer = None if pretokenised else data_lib.load_tokenizer(d, checkpoint_dir)
     eos = model_config.eos_token_id
     eos = eos[0] if isinstance(eos, tuple) else eos
     train_docs, held_docs = data_lib.documents(d, tokenizer, model_config.vocab_size, config.seed, eos)
