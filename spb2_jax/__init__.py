@@ -9,7 +9,7 @@ Notebook use::
 """
 
 from spb2_jax.api import Model, load_pretrained
-from spb2_jax.checkpoint import load_hf, save_hf
+from spb2_jax.checkpoint import load_hf, load_qwen3, save_hf, save_qwen3
 from spb2_jax.config import SpB2Config
 from spb2_jax.generate import decode_step, generate, init_cache, prefill
 from spb2_jax.loss import causal_lm_loss_tiled
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CausalLMOutput", "Kernels", "Model", "ModelOptions", "Segments", "SpB2Config", "SpB2ForCausalLM",
     "causal_lm_loss", "causal_lm_loss_tiled", "decode_step", "generate", "init_cache", "init_params", "load_hf",
-    "load_pretrained", "logical_axes", "loss_fn", "prefill", "resolve_options", "save_hf",
+    "load_pretrained", "load_qwen3", "logical_axes", "loss_fn", "prefill", "resolve_options", "save_hf", "save_qwen3",
 ]

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from spb2_jax.checkpoint import load_hf
+from spb2_jax.checkpoint.hf import read_params
+from spb2_jax.checkpoint.qwen3 import QWEN3_MODEL_TYPE, checkpoint_model_type, qwen3_config, spb2_name
 from spb2_jax.config import SpB2Config
 from spb2_jax.generate.loop import generate as generate_ids
 from spb2_jax.generate.tokenizer import load_tokenizer
@@ -161,7 +163,8 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
 
     Args:
       path: directory with ``config.json`` and the safetensors (sharded or not) and, optionally,
-        ``tokenizer.json``. None: the tiny official-format model embedded in the package.
+        ``tokenizer.json``. None: the tiny official-format model embedded in the package. A Qwen3 checkpoint
+        (``model_type == "qwen3"``) loads as the equal all-full-attention model (``load_qwen3``).
       dtype: compute dtype, also the dtype the weights are loaded in (``"bfloat16"`` for the 5B); default
         float32.
       impl: ``"xla"`` (default), ``"pallas"`` or ``"reference"`` (``spb2_jax.options``).
@@ -175,7 +178,12 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     path = EMBEDDED_TINY if path is None else os.fspath(path)
     if options is not None and (dtype is not None or impl is not None or option_kwargs):
         raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
-    config = SpB2Config.from_pretrained(path)
+    qwen3 = checkpoint_model_type(path) == QWEN3_MODEL_TYPE
+    if qwen3:
+        with open(os.path.join(path, "config.json")) as f:
+            config = qwen3_config(json.load(f))
+    else:
+        config = SpB2Config.from_pretrained(path)
     if options is None:
         options = resolve_options(config, dtype=dtype, impl=impl, mesh=mesh, **option_kwargs)
     elif options.kernels.sequence_shards != sequence_shards(mesh):
@@ -184,7 +192,8 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     shardings = None
     if mesh is not None:
         shardings = functools.partial(param_shardings, mesh=mesh)
-    _, params = load_hf(path, dtype=options.dtype, strict=strict, shardings=shardings)
+    params = read_params(path, config, rename=spb2_name if qwen3 else None, dtype=options.dtype, strict=strict,
+                         shardings=shardings)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     return Model(config=config, options=options, params=params, mesh=mesh,
                  tokenizer=load_tokenizer(path) if has_tokenizer else None)

@@ -40,6 +40,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+QWEN3_TINY = SHARED / "fixtures" / "qwen3" / "tiny"
+
+
+def qwen3_fixture_dir() -> Path:
+    """The HF Qwen3 golden fixture; fails loudly (never skips) when ../shared is absent."""
+    if not (QWEN3_TINY / "outputs.npz").is_file():
+        raise FileNotFoundError(f"Qwen3 fixture not found at {QWEN3_TINY}: the tests need ../shared beside the "
+                                "repository (or SPB2_SHARED pointing at it)")
+    return QWEN3_TINY
+
+
 def fixture_dir(name: str) -> Path:
     """Directory of an official fixture; fails loudly (never skips) when ../shared is absent."""
     path = OFFICIAL / name

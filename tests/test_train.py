@@ -292,9 +292,11 @@ def test_packing_leaks_nothing_between_documents(tmp_path):
 
 def test_recall_examples_ask_every_key_once_per_round_and_answer_from_the_context():
     """Every masked target is the value its key had in the context; queries go through the keys in rounds (each
-    key once per round); the first ``short_examples`` are short (p <= pairs // 2, q = p), the rest full-length."""
-    for index in range(40):
-        ex = data_lib.recall_example(index, 7, pairs=16, queries=40, vocab_size=384, symbols=16, short_examples=20)
+    key once per round); the first ``ramp_examples`` grow (example i: p <= ceil(pairs (i + 1) / ramp), q = p),
+    the rest are full-length."""
+    seen_short = set()
+    for index in range(60):
+        ex = data_lib.recall_example(index, 7, pairs=16, queries=40, vocab_size=384, symbols=16, ramp_examples=40)
         tokens, mask = ex["tokens"], ex["loss_mask"]
         n_pairs = int(np.argmax(mask)) // 2  # the first answer follows the context and the first query key
         context = dict(zip(tokens[0:2 * n_pairs:2].tolist(), tokens[1:2 * n_pairs:2].tolist()))
@@ -305,10 +307,12 @@ def test_recall_examples_ask_every_key_once_per_round_and_answer_from_the_contex
         asked = probe[0::2].tolist()
         for r in range(0, len(asked), n_pairs):
             assert len(set(asked[r:r + n_pairs])) == len(asked[r:r + n_pairs])
-        if index < 20:
-            assert n_pairs <= 8 and len(asked) == n_pairs
+        if index < 40:
+            assert 1 <= n_pairs <= -(-16 * (index + 1) // 40) and len(asked) == n_pairs
+            seen_short.add(n_pairs)
         else:
             assert n_pairs == 16 and len(asked) == 40
+    assert len(seen_short) >= 8  # the ramp covers the range, not one length
 
 
 def test_data_iterator_resumes_exactly():

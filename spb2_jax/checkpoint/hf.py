@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import ml_dtypes
@@ -296,7 +296,21 @@ def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config = SpB2Config.from_pretrained(path)
+    return config, read_params(path, config, dtype=dtype, strict=strict, progress=progress, shardings=shardings)
+
+
+def read_params(path: str | os.PathLike, config: SpB2Config, *, rename: Callable[[str], str] | None = None,
+                dtype: Any = None, strict: bool = True, progress: bool = True, shardings: Any = None) -> Any:
+    """The Flax param tree of ``config`` read from the safetensors of checkpoint directory ``path``.
+
+    ``rename`` maps each stored tensor name to its SpB2 HF name (a checkpoint of another family, e.g. Qwen3:
+    ``spb2_jax.checkpoint.qwen3``); the other arguments are ``load_hf``'s. Problems are reported with the SpB2
+    names.
+    """
+    path = os.fspath(path)
     infos = _tensor_infos(_weight_files(path))
+    if rename is not None:
+        infos = {rename(n): i for n, i in infos.items()}
     spec = hf_param_spec(config)
     _raise_problems(_problems(spec, {n: i.shape for n, i in infos.items()},
                               tied=config.tie_word_embeddings, strict=strict))
@@ -315,7 +329,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = None, *, strict: bool = True,
                     flat[fpath] = _to_device(read_tensor(f, infos[name]), transposed, target,
                                              placement.get(fpath))
                     bar.update()
-    return config, traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -406,7 +420,8 @@ def _to_host(leaf: Any, transposed: bool) -> np.ndarray:
 
 
 def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-            overwrite: bool = False, progress: bool = True) -> list[str]:
+            overwrite: bool = False, progress: bool = True, rename: Callable[[str], str] | None = None,
+            config_json: str | None = None) -> list[str]:
     """Write ``config.json`` and safetensors shards that the official code (``from_pretrained``) loads.
 
     One ``model.safetensors`` when everything fits in ``max_shard_size``, else ``model-0000i-of-0000n.safetensors``
@@ -415,6 +430,9 @@ def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_sha
     checkpoint files, stale shards included, are replaced). Files are written to a temporary directory next to
     ``path`` and moved in place at the end, so a failed save leaves nothing half-written. Host memory: one shard
     at a time.
+
+    ``rename`` (SpB2 HF name -> stored name) and ``config_json`` (the text of ``config.json``) write a checkpoint
+    of another family instead (``spb2_jax.checkpoint.qwen3.save_qwen3``).
 
     Returns the list of files written.
     """
@@ -425,6 +443,8 @@ def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_sha
     if existing and not overwrite:
         raise FileExistsError(f"{path!r} already holds a checkpoint ({existing}); pass overwrite=True to replace it")
     plan = _export_plan(config, params)
+    if rename is not None:
+        plan = sorted(((rename(name), leaf, transposed) for name, leaf, transposed in plan), key=lambda t: t[0])
     sizes = {name: int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for name, leaf, _ in plan}
     shards = plan_shards(sizes.items(), max_shard_size)
@@ -446,7 +466,7 @@ def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_sha
         if len(shards) > 1:
             write_index(tmp, weight_map, sum(sizes.values()))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_string())
+            f.write(config.to_json_string() if config_json is None else config_json)
         os.makedirs(path, exist_ok=True)
         for stale in existing:  # only reached with overwrite=True
             os.remove(os.path.join(path, stale))

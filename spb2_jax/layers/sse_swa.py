@@ -156,6 +156,7 @@ class SSESWAMixer(nn.Module):
         swa_o = rules.constrain(swa_o, rules.HEADS)
         swa_o = self._dense(c.hidden_size, "swa_o_proj", (rules.Q_HEADS, rules.EMBED))(
             rearrange(swa_o, "B T N H -> B T (N H)"))
+        self.sow("intermediates", "swa_output", swa_o)  # the SWA branch alone (T2H checks; no-op unless mutable)
         out = (sse_out + self._norm("swa_merge_norm")(swa_o)) / 2
 
         if not deterministic and c.swa_dropout > 0:

@@ -78,7 +78,7 @@ class DataSection:
     recall_pairs: int = 16
     recall_queries: int = 16
     recall_vocab: int = 0
-    recall_short_examples: int = 0
+    recall_ramp_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ class TrainConfig:
         _choice("data.format", d.format, FORMATS)
         _positive(d, "seq_len", "batch_size", "microbatches", prefix="data.")
         _nonneg(d, "max_documents", "eval_documents", "recall_pairs", "recall_queries", "recall_vocab",
-                "recall_short_examples", prefix="data.")
+                "recall_ramp_examples", prefix="data.")
         if d.seq_len < 2:
             raise ConfigError(f"data.seq_len={d.seq_len} must be at least 2 (a token and its successor)")
         if d.batch_size % d.microbatches:

@@ -123,19 +123,20 @@ class _Encode:
 
 
 def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: int, symbols: int = 0,
-                   short_examples: int = 0) -> dict[str, np.ndarray]:
+                   ramp_examples: int = 0) -> dict[str, np.ndarray]:
     """Multi-query associative recall (Zoology's MQAR): ``p`` distinct keys each followed by its value, then ``q``
     queries of those keys each followed by its value again; only those answers are targets (``loss_mask``).
 
-    A full-length example has ``p = pairs`` and ``q = queries`` (``p`` when 0). The first ``short_examples`` of the
-    stream (a curriculum: the training stream of ``recall`` is not shuffled, each example is random already) are
-    short instead: ``p`` uniform in ``[1, max(1, pairs // 2)]`` and ``q = p``. They teach the lookup quickly —
-    trained on full-length examples only, or on a mix, a tiny model sits on the "predict any value in the context"
-    plateau for many hundreds of steps (BENCHMARKS.md) — and packing puts several in a row. Held-out examples are
-    always full-length. Queries ask
-    the keys in a random order, every key once before any key again. Keys are ids ``3 .. 3 + S - 1`` and values
-    ids ``3 + S .. 3 + 2 S - 1`` with ``S = symbols`` (0: half of the ids above the 3 special tokens), so chance
-    accuracy is ``1 / S``. Example ``index`` of stream ``seed`` is always the same (``np.random.default_rng``)."""
+    A full-length example has ``p = pairs`` and ``q = queries`` (``p`` when 0). The first ``ramp_examples`` of the
+    stream are a curriculum (the training stream of ``recall`` is not shuffled; each example is random already):
+    example ``i`` has ``p`` uniform in ``[1, ceil(pairs * (i + 1) / ramp_examples)]`` and ``q = p``, so the stream
+    starts with short examples, which teach the lookup quickly (trained on full-length examples only, a tiny model
+    sits on the "predict any value in the context" plateau for many hundreds of steps: BENCHMARKS.md), and grows
+    to full length; packing puts several short ones in a row. Held-out examples are always full-length. Queries
+    ask the keys in a random order, every key once before any key again. Keys are ids ``3 .. 3 + S - 1`` and
+    values ids ``3 + S .. 3 + 2 S - 1`` with ``S = symbols`` (0: half of the ids above the 3 special tokens), so
+    chance accuracy is ``1 / S``. Example ``index`` of stream ``seed`` is always the same
+    (``np.random.default_rng``)."""
     rng = np.random.default_rng([seed, index])
     half = symbols or (vocab_size - 3) // 2
     if 2 * half + 3 > vocab_size:
@@ -143,8 +144,8 @@ def recall_example(index: int, seed: int, pairs: int, queries: int, vocab_size: 
                          f"has {vocab_size}")
     if pairs > half:
         raise ValueError(f"data.recall_pairs={pairs} needs at least {pairs} key ids, data.recall_vocab gives {half}")
-    if index < short_examples:
-        p = int(rng.integers(1, max(1, pairs // 2) + 1))
+    if index < ramp_examples:
+        p = int(rng.integers(1, -(-pairs * (index + 1) // ramp_examples) + 1))
         q = p
     else:
         p, q = pairs, queries or pairs
@@ -185,7 +186,7 @@ def documents(data: DataSection, tokenizer: Tokenizer | None, vocab_size: int, s
     """``(train, held_out)`` ``grain.MapDataset`` of documents ``{"tokens", "loss_mask"}`` (module docstring)."""
     if data.source == "recall":
         make = lambda i: recall_example(i, seed, data.recall_pairs, data.recall_queries, vocab_size,  # noqa
-                                        data.recall_vocab, data.recall_short_examples)
+                                        data.recall_vocab, data.recall_ramp_examples)
         held = lambda i: recall_example(i, seed + 1_000_003, data.recall_pairs, data.recall_queries,  # noqa
                                         vocab_size, data.recall_vocab)
         n = data.max_documents or 1 << 30
