@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from spb2_jax.checkpoint.hf import read_params
-from spb2_jax.checkpoint.qwen3 import QWEN3_MODEL_TYPE, checkpoint_model_type, qwen3_config, spb2_name
+from spb2_jax.checkpoint.auto import config_of, load_checkpoint
 from spb2_jax.config import SpB2Config
 from spb2_jax.generate.loop import generate as generate_ids
 from spb2_jax.generate.tokenizer import load_tokenizer
@@ -178,12 +176,7 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     path = EMBEDDED_TINY if path is None else os.fspath(path)
     if options is not None and (dtype is not None or impl is not None or option_kwargs):
         raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
-    qwen3 = checkpoint_model_type(path) == QWEN3_MODEL_TYPE
-    if qwen3:
-        with open(os.path.join(path, "config.json")) as f:
-            config = qwen3_config(json.load(f))
-    else:
-        config = SpB2Config.from_pretrained(path)
+    config = config_of(path)
     if options is None:
         options = resolve_options(config, dtype=dtype, impl=impl, mesh=mesh, **option_kwargs)
     elif options.kernels.sequence_shards != sequence_shards(mesh):
@@ -192,8 +185,7 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     shardings = None
     if mesh is not None:
         shardings = functools.partial(param_shardings, mesh=mesh)
-    params = read_params(path, config, rename=spb2_name if qwen3 else None, dtype=options.dtype, strict=strict,
-                         shardings=shardings)
+    _, params = load_checkpoint(path, dtype=options.dtype, strict=strict, shardings=shardings)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     return Model(config=config, options=options, params=params, mesh=mesh,
                  tokenizer=load_tokenizer(path) if has_tokenizer else None)

@@ -513,7 +513,7 @@ def test_export_hf_then_init_from_it_or_from_the_run(tmp_path):
 
     other = json.load(open(TINY)) | {"intermediate_size": 96}
     (tmp_path / "other.json").write_text(json.dumps(other))
-    with pytest.raises(TrainError, match="is not the model being trained"):
+    with pytest.raises(TrainError, match="its params do not fit the model being trained"):
         train(_run_config(tmp_path / "d", "steps=1", f"model.preset={tmp_path / 'other.json'}",
                           f"model.init_from={export}"))
     with pytest.raises(TrainError, match="already holds a checkpoint"):

@@ -29,7 +29,7 @@ from flax import traverse_util
 from spb2_jax.checkpoint.hf import hf_param_spec
 from spb2_jax.checkpoint.qwen3 import qwen3_name
 from spb2_jax.config import LayerKind, SpB2Config
-from spb2_jax.model import init_params
+from spb2_jax.model import abstract_params, init_params
 
 COPIED, REPEATED, NEW = "copied", "repeated", "new"
 
@@ -166,3 +166,10 @@ def format_table(rows: list[ConversionRow], changes: list[tuple[str, Any, Any]])
     else:
         lines.append("config changes (teacher -> student): none")
     return "\n".join(lines) + "\n"
+
+
+def new_param_mask(student: SpB2Config) -> Any:
+    """Boolean tree over ``student``'s params: True for the tensors conversion creates (``new`` in the table),
+    the ones the alignment stage trains (``distill.train_only_new``)."""
+    flat = traverse_util.flatten_dict(abstract_params(student))
+    return traverse_util.unflatten_dict({path: _source(path, student)[1] == NEW for path in flat})

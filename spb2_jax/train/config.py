@@ -3,7 +3,8 @@
     python -m spb2_jax.train --config configs/train/tiny-text.yaml steps=50 optimizer.lr=1e-3 run_dir=/tmp/run
 
 Sections: ``model`` (preset config.json or HF checkpoint, dtypes, remat, kernels), ``data`` (source, packing,
-batch, microbatches), ``optimizer`` (AdamW, schedule, clipping), ``eval`` (held-out loss every N steps) and the
+batch, microbatches), ``optimizer`` (AdamW, schedule, clipping), ``eval`` (held-out loss every N steps),
+``distill`` (a frozen teacher: KL / CE / alignment weights, training only the new parameters) and the
 run-level fields ``run_dir``, ``steps``, ``seed``, ``checkpoint_every``, ``keep_checkpoints``, ``log_every``,
 ``mesh``. Every error names the field (dotted path) and the bad value: unknown keys, wrong types, out-of-range
 numbers, unknown choices, a batch that the mesh or the microbatch count does not divide.
@@ -99,10 +100,31 @@ class OptimizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    """Held-out loss every ``every`` steps (0 = never) over ``batches`` batches of the held-out documents."""
+    """Held-out loss every ``every`` steps (0 = never) over ``batches`` batches of the held-out documents;
+    ``at_start``: also before the first step of a fresh run (logged as step 0: where distillation starts from)."""
 
     every: int = 0
     batches: int = 2
+    at_start: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSection:
+    """Distillation from a frozen teacher (``spb2_jax.train.distill``; T2H, issue "Transformer-to-Hybrid").
+
+    teacher: an HF checkpoint directory (Qwen3 or SpB2) with the student's vocabulary; None: no distillation.
+    The loss becomes ``kl_weight * KL(teacher || student) at temperature + ce_weight * CE + align_weight *
+    alignment + aux_loss_coef * aux`` (KL and CE per target token, alignment per real token).
+    train_only_new: update only the parameters T2H conversion created (``spb2_jax.t2h.new_param_mask``); the
+    copied ones stay as the teacher had them (the alignment stage).
+    """
+
+    teacher: str | None = None
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    align_weight: float = 0.0
+    train_only_new: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +148,7 @@ class TrainConfig:
     data: DataSection = DataSection()
     optimizer: OptimizerSection = OptimizerSection()
     eval: EvalSection = EvalSection()
+    distill: DistillSection = DistillSection()
 
     def validate(self) -> "TrainConfig":
         """Range and choice checks (types are checked when the config is built); returns self."""
@@ -157,6 +180,14 @@ class TrainConfig:
             raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
         _nonneg(self.eval, "every", prefix="eval.")
         _positive(self.eval, "batches", prefix="eval.")
+        k = self.distill
+        _positive(k, "temperature", prefix="distill.")
+        _nonneg(k, "kl_weight", "ce_weight", "align_weight", prefix="distill.")
+        if k.teacher is None and (k.train_only_new or k.align_weight):
+            raise ConfigError(f"distill.teacher is required for distill.align_weight={k.align_weight} / "
+                              f"distill.train_only_new={k.train_only_new}")
+        if k.teacher is not None and not (k.kl_weight or k.ce_weight or k.align_weight):
+            raise ConfigError("distill: kl_weight, ce_weight and align_weight are all 0: nothing to train on")
         return self
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -32,9 +33,10 @@ import numpy as np
 import yaml
 
 from spb2_jax.api import Model
-from spb2_jax.checkpoint.hf import load_hf, save_hf
+from spb2_jax.checkpoint.auto import config_of, load_checkpoint
+from spb2_jax.checkpoint.hf import hf_param_spec, save_hf
 from spb2_jax.config import SpB2Config
-from spb2_jax.model import abstract_params, init_params
+from spb2_jax.model import SpB2ForCausalLM, abstract_params, init_params
 from spb2_jax.options import resolve_options
 from spb2_jax.parallel.mesh import batch_shards, make_mesh, sequence_shards, token_sharding
 from spb2_jax.parallel.placement import param_shardings
@@ -45,7 +47,8 @@ from spb2_jax.train.config import TrainConfig, to_dict
 from spb2_jax.train.flops import peak_flops, train_flops_per_token
 from spb2_jax.train.metrics import RunLog, plot_loss
 from spb2_jax.train.optim import learning_rate, make_optimizer
-from spb2_jax.train.step import TrainState, make_eval_step, make_train_step
+from spb2_jax.train.step import Teacher, TrainState, make_eval_step, make_train_step
+from spb2_jax.t2h.convert import new_param_mask
 
 
 class TrainError(ValueError):
@@ -85,7 +88,7 @@ def _model(config: TrainConfig) -> tuple[SpB2Config, Any, str | None]:
     if m.checkpoint is not None:
         if not os.path.isdir(m.checkpoint):
             raise TrainError(f"model.checkpoint={m.checkpoint!r}: no such directory")
-        return SpB2Config.from_pretrained(m.checkpoint), "checkpoint", m.checkpoint
+        return config_of(m.checkpoint), "checkpoint", m.checkpoint
     if not os.path.isfile(m.preset):
         raise TrainError(f"model.preset={m.preset!r}: no such file")
     return SpB2Config.from_json_file(m.preset), None, None
@@ -124,8 +127,8 @@ def _place_batch(batch: dict, mesh) -> dict:
 def _initial_params(config: TrainConfig, model_config: SpB2Config, source, mesh):
     shardings = None if mesh is None else param_shardings(model_config, mesh)
     if source == "checkpoint":
-        params = load_hf(config.model.checkpoint, jnp.float32, progress=False,
-                         shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))[1]
+        params = load_checkpoint(config.model.checkpoint, jnp.float32, progress=False,
+                                 shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))[1]
     else:
         init = jax.jit(lambda k: init_params(model_config, k), out_shardings=shardings)
         params = init(jax.random.key(config.seed))
@@ -136,16 +139,43 @@ def _initial_params(config: TrainConfig, model_config: SpB2Config, source, mesh)
 
 def _load_init_from(path: str, model_config: SpB2Config, params, mesh):
     if os.path.isfile(os.path.join(path, "config.json")):
-        loaded_config, loaded = load_hf(path, jnp.float32, progress=False,
-                                        shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))
-        if loaded_config.to_dict() != model_config.to_dict():
-            raise TrainError(f"--init-from {path}: its config.json is not the model being trained")
-        return loaded
+        found = config_of(path)
+        ours = {n: v[1] for n, v in hf_param_spec(model_config).items()}
+        theirs = {n: v[1] for n, v in hf_param_spec(found).items()}
+        if ours != theirs:  # the settings may differ (a T2H stage changes MoBA / window / rope), the params not
+            diff = sorted(set(ours.items()) ^ set(theirs.items()))
+            raise TrainError(f"--init-from {path}: its params do not fit the model being trained (first "
+                             f"difference: {diff[0][0]} {list(diff[0][1])})")
+        return load_checkpoint(path, jnp.float32, progress=False,
+                               shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))[1]
     if os.path.isdir(os.path.join(path, "checkpoints")):
         abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
         return RunCheckpoints(path).restore_params(abstract)
     raise TrainError(f"--init-from {path}: neither an HF checkpoint (config.json) nor a run directory "
                      f"(checkpoints/)")
+
+
+def _teacher(config: TrainConfig, model_config: SpB2Config, mesh) -> tuple[Teacher | None, Any]:
+    """The frozen distillation teacher and its params (compute dtype, placed by the rules like the student), or
+    ``(None, None)`` without ``distill.teacher``."""
+    k = config.distill
+    if k.teacher is None:
+        return None, None
+    if not os.path.isdir(k.teacher):
+        raise TrainError(f"distill.teacher={k.teacher!r}: no such directory")
+    try:
+        teacher_config = config_of(k.teacher)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(f"distill.teacher={k.teacher!r}: {e}") from None
+    if teacher_config.vocab_size != model_config.vocab_size:
+        raise TrainError(f"distill.teacher={k.teacher!r}: vocabulary {teacher_config.vocab_size} != the student's "
+                         f"{model_config.vocab_size}")
+    options = resolve_options(teacher_config, dtype=config.model.dtype, impl=config.model.impl, mesh=mesh)
+    _, params = load_checkpoint(k.teacher, options.dtype, progress=False,
+                                shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))
+    teacher = Teacher(SpB2ForCausalLM(teacher_config, options), temperature=k.temperature,
+                      kl_weight=k.kl_weight, ce_weight=k.ce_weight, align_weight=k.align_weight)
+    return teacher, params
 
 
 def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
@@ -172,7 +202,8 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     iterator = iter(data_lib.batches(train_docs, d, rows, config.seed, process_index=jax.process_index(),
                                      process_count=jax.process_count()))
 
-    optimizer = make_optimizer(config.optimizer, config.steps)
+    trainable = new_param_mask(model_config) if config.distill.train_only_new else None
+    optimizer = make_optimizer(config.optimizer, config.steps, trainable=trainable)
     schedule = learning_rate(config.optimizer, config.steps)
     ckpt = RunCheckpoints(config.run_dir, keep=config.keep_checkpoints)
     resumed_from = ckpt.latest_step()
@@ -191,9 +222,13 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
         else:
             state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
         start = int(jax.device_get(state.step))
+        teacher, teacher_params = _teacher(config, model_config, mesh)  # loaded once, frozen
         step_fn = jax.jit(make_train_step(model_config, options, optimizer, schedule, microbatches=d.microbatches,
-                                          loss_tile=config.loss_tile, seed=config.seed))
-        eval_fn = jax.jit(make_eval_step(model_config, options, loss_tile=config.loss_tile))
+                                          loss_tile=config.loss_tile, seed=config.seed, teacher=teacher))
+        eval_fn = jax.jit(make_eval_step(model_config, options, loss_tile=config.loss_tile, teacher=teacher))
+        if teacher is not None:
+            step_fn = functools.partial(step_fn, teacher_params=teacher_params)
+            eval_fn = functools.partial(eval_fn, teacher_params=teacher_params)
 
         log = RunLog(config.run_dir, total_steps=config.steps, start_step=start, is_primary=jax.process_index() == 0)
         if resumed_from is not None:
@@ -204,6 +239,9 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True))
         metrics: dict[str, Any] = {}
         try:
+            if config.eval.at_start and start == 0:
+                log.log({"step": 0, **_evaluate(eval_fn, state.params, held_docs, config, mesh,
+                                                teacher is not None)})
             t_last, steps_since = time.perf_counter(), 0
             for step in range(start, config.steps):
                 batch = _place_batch(next(iterator), mesh)
@@ -223,11 +261,14 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
                                "aux_loss": float(out["aux_loss"]), "grad_norm": float(out["grad_norm"]),
                                "lr": float(out["lr"]), "tokens": int(out["tokens"]), "tokens_per_s": tps,
                                "step_time_s": elapsed / steps_since}
+                    for key in ("kl_loss", "align_loss"):
+                        if key in out:
+                            metrics[key] = float(out[key])
                     if peak:
                         metrics["mfu"] = flops * tps / (peak * jax.device_count())
                     if config.eval.every and (done % config.eval.every == 0 or last):
-                        metrics["eval_loss"], metrics["eval_accuracy"] = _evaluate(eval_fn, state.params,
-                                                                                   held_docs, config, mesh)
+                        metrics.update(_evaluate(eval_fn, state.params, held_docs, config, mesh,
+                                                 teacher is not None))
                     log.log(metrics)
                     t_last, steps_since = time.perf_counter(), 0
                 log.advance()
@@ -271,18 +312,23 @@ def _host_params(params):
     return multihost_utils.process_allgather(params, tiled=True)
 
 
-def _evaluate(eval_fn, params, held_docs, config: TrainConfig, mesh) -> tuple[float, float]:
-    """Held-out ``(mean CE in nats per target, fraction of targets predicted by the argmax)`` over
+def _evaluate(eval_fn, params, held_docs, config: TrainConfig, mesh, distilling: bool = False) -> dict:
+    """Held-out ``eval_loss`` (mean CE in nats per target), ``eval_accuracy`` (fraction of targets predicted by
+    the argmax) and, when distilling, ``eval_kl`` (mean KL(teacher || student) per target, temperature 1) over
     ``config.eval.batches`` packed batches of the held-out documents (the same batches every time)."""
     d = config.data
     rows = d.batch_size // jax.process_count()
     it = iter(data_lib.batches(held_docs, d, rows, config.seed, process_index=jax.process_index(),
                                process_count=jax.process_count(), shuffle=False))
-    nll = count = correct = 0.0
+    nll = count = correct = kl = 0.0
     for _ in range(config.eval.batches):
         got = jax.device_get(eval_fn(params, _place_batch(next(it), mesh)))
-        nll, count, correct = nll + float(got[0]), count + float(got[1]), correct + float(got[2])
-    return nll / max(count, 1.0), correct / max(count, 1.0)
+        nll, count, correct, kl = (nll + float(got[0]), count + float(got[1]), correct + float(got[2]),
+                                   kl + float(got[3]))
+    out = {"eval_loss": nll / max(count, 1.0), "eval_accuracy": correct / max(count, 1.0)}
+    if distilling:
+        out["eval_kl"] = kl / max(count, 1.0)
+    return out
 
 
 def sample(model_config, options, params, tokenizer, prompts, max_new_tokens: int, temperature: float = 0.0,

@@ -44,7 +44,8 @@ class RunLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
-        shown = {k: record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if k in record}
+        shown = {k: record[k] for k in ("loss", "kl_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss",
+                                        "eval_accuracy", "eval_kl") if k in record}
         text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         if self.plain:
             print(f"step {step} {text}", flush=True)
@@ -93,7 +94,8 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 
 
 def plot_loss(run_dir: str, out: str | None = None) -> str:
-    """``RUN_DIR/loss.png``: training loss (and eval loss, when logged) against the step."""
+    """``RUN_DIR/loss.png``: training loss (and eval loss, KL to a distillation teacher, when logged) against the
+    step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,6 +110,10 @@ def plot_loss(run_dir: str, out: str | None = None) -> str:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    for key, style, label in (("kl_loss", "-", "train KL to the teacher"), ("eval_kl", "s-", "eval KL to the teacher")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(os.path.basename(os.path.abspath(run_dir)))

@@ -42,11 +42,16 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerSection, total_steps: int, trainable: Any = None) -> optax.GradientTransformation:
     """``clip_by_global_norm(clip_norm)`` then AdamW (``learning_rate``, the ``decay_mask``); optimizer state in
-    the params' dtype (float32 master params)."""
-    return optax.chain(
+    the params' dtype (float32 master params). ``trainable``: a boolean tree over the params; the others get no
+    update at all (and no optimizer state; they do not count toward the clipped norm)."""
+    inner = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(learning_rate(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                     weight_decay=opt.weight_decay, mask=decay_mask),
     )
+    if trainable is None:
+        return inner
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)

@@ -31,6 +31,7 @@ import optax
 from spb2_jax.config import SpB2Config
 from spb2_jax.loss import IGNORE_INDEX, tiled_cross_entropy
 from spb2_jax.model import SpB2ForCausalLM, head_kernel
+from spb2_jax.train.distill import aligned_layers, alignment_sum, tiled_kl
 from spb2_jax.options import ModelOptions
 
 
@@ -66,47 +67,105 @@ def loss_parts(model: SpB2ForCausalLM, params: Any, batch: dict, key: jax.Array 
     return nll.astype(jnp.float32), count.astype(jnp.float32), jnp.sum(out.aux_losses.astype(jnp.float32))
 
 
+class Teacher(NamedTuple):
+    """A frozen distillation teacher: its model (config + options) and what the loss takes from it
+    (``spb2_jax.train.config.DistillSection``)."""
+
+    model: SpB2ForCausalLM
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    align_weight: float = 0.0
+
+
+def distill_parts(model: SpB2ForCausalLM, params: Any, teacher: Teacher, teacher_params: Any, batch: dict,
+                  key: jax.Array | None, loss_tile: int):
+    """``(nll_sum, kl_sum, align_sum, target_count, aux)`` float32 of one (micro)batch with a teacher: the
+    student's CE and KL to the teacher summed over target tokens, the mixer alignment summed over real tokens
+    (``spb2_jax.train.distill``). The teacher runs deterministic and gets no gradient."""
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    align = teacher.align_weight > 0
+    out = model.apply({"params": params}, ids, segment_ids=seg, deterministic=key is None, output_logits=False,
+                      output_mixer_outputs=align, rngs=None if key is None else {"dropout": key})
+    t_out = teacher.model.apply({"params": jax.lax.stop_gradient(teacher_params)}, ids, segment_ids=seg,
+                                output_logits=False, output_mixer_outputs=align)
+    kernel = head_kernel(params, model.config).astype(model.resolved_options.dtype)
+    t_kernel = jax.lax.stop_gradient(head_kernel(teacher_params, teacher.model.config)).astype(
+        teacher.model.resolved_options.dtype)
+    labels = targets(ids, seg, batch.get("loss_mask"))
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    nll, count = tiled_cross_entropy(out.last_hidden_state, kernel, shifted, tile_size=loss_tile)
+    kl = tiled_kl(out.last_hidden_state, kernel, jax.lax.stop_gradient(t_out.last_hidden_state), t_kernel,
+                  shifted != IGNORE_INDEX, temperature=teacher.temperature, tile_size=loss_tile)
+    al = jnp.float32(0)
+    if align:
+        al = alignment_sum(out.mixer_outputs, jax.lax.stop_gradient(t_out.mixer_outputs),
+                           aligned_layers(model.config), seg > 0)
+    return (nll.astype(jnp.float32), kl, al, count.astype(jnp.float32),
+            jnp.sum(out.aux_losses.astype(jnp.float32)))
+
+
 def _split(x: jax.Array, m: int) -> jax.Array:
     return x.reshape((m, x.shape[0] // m) + x.shape[1:])
 
 
 def make_train_step(config: SpB2Config, options: ModelOptions, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, microbatches: int = 1, loss_tile: int = 512, seed: int = 0
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``step(state, batch) -> (state, metrics)`` (module docstring); ``batch`` rows must be a multiple of
-    ``microbatches``. Metrics: loss, ce_loss, aux_loss, grad_norm, lr, tokens (real targets), finite. Not jitted
-    (the caller jits it with its shardings)."""
+                    schedule: optax.Schedule, *, microbatches: int = 1, loss_tile: int = 512, seed: int = 0,
+                    teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
+    """``step(state, batch[, teacher_params]) -> (state, metrics)`` (module docstring); ``batch`` rows must be a
+    multiple of ``microbatches``. Metrics: loss, ce_loss, aux_loss, grad_norm, lr, tokens (real targets), finite;
+    with a ``teacher`` (``teacher_params`` then required) also kl_loss and align_loss, and the loss is
+    ``kl_weight * KL + ce_weight * CE + align_weight * alignment + aux_loss_coef * aux`` (KL and CE per target
+    token, alignment per real token, each over the whole batch). Not jitted (the caller jits it with its
+    shardings)."""
     model = SpB2ForCausalLM(config, options)
     coef = float(config.aux_loss_coef)
     dropout = config.swa_dropout > 0
     M = microbatches
+    w_ce = 1.0 if teacher is None else teacher.ce_weight
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, teacher_params: Any = None):
         if batch["input_ids"].shape[0] % M:
             raise ValueError(f"batch of {batch['input_ids'].shape[0]} rows is not a multiple of {M} microbatches")
+        if (teacher is None) != (teacher_params is None):
+            raise ValueError("teacher_params are needed exactly when the step was made with a teacher")
         labels = targets(batch["input_ids"], batch["segment_ids"], batch.get("loss_mask"))
         n_total = jnp.maximum(jnp.sum(labels[:, 1:] != IGNORE_INDEX), 1).astype(jnp.float32)
+        n_real = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
         key = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def micro(carry, xs):
-            grads, nll_sum, count_sum, aux_sum = carry
+            grads, sums = carry
             index, mb = xs
             mkey = jax.random.fold_in(key, index) if dropout else None
 
             def objective(params):
-                nll, count, aux = loss_parts(model, params, mb, mkey, loss_tile)
-                return nll / n_total + coef * aux / M, (nll, count, aux)
+                if teacher is None:
+                    nll, count, aux = loss_parts(model, params, mb, mkey, loss_tile)
+                    kl = al = jnp.float32(0)
+                else:
+                    nll, kl, al, count, aux = distill_parts(model, params, teacher, teacher_params, mb, mkey,
+                                                            loss_tile)
+                total = w_ce * nll / n_total + coef * aux / M
+                if teacher is not None:
+                    total = total + teacher.kl_weight * kl / n_total + teacher.align_weight * al / n_real
+                return total, jnp.stack([nll, count, aux, kl, al])
 
-            (_, (nll, count, aux)), g = jax.value_and_grad(objective, has_aux=True)(state.params)
+            (_, parts), g = jax.value_and_grad(objective, has_aux=True)(state.params)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, nll_sum + nll, count_sum + count, aux_sum + aux), None
+            return (grads, sums + parts), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        init = (zeros, jnp.zeros((5,), jnp.float32))
         mbs = {k: _split(v, M) for k, v in batch.items()}
-        (grads, nll, count, aux), _ = jax.lax.scan(micro, init, (jnp.arange(M), mbs))
+        (grads, sums), _ = jax.lax.scan(micro, init, (jnp.arange(M), mbs))
+        nll, count, aux, kl, al = sums
         ce, aux = nll / n_total, aux / M
-        loss = ce + coef * aux
+        loss = w_ce * ce + coef * aux
+        metrics = {"ce_loss": ce, "aux_loss": aux}
+        if teacher is not None:
+            metrics["kl_loss"], metrics["align_loss"] = kl / n_total, al / n_real
+            loss = loss + teacher.kl_weight * metrics["kl_loss"] + teacher.align_weight * metrics["align_loss"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -114,20 +173,23 @@ def make_train_step(config: SpB2Config, options: ModelOptions, optimizer: optax.
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "grad_norm": grad_norm,
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count, "finite": finite}
+        metrics.update({"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32),
+                        "tokens": count, "finite": finite})
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
 
 
-def make_eval_step(config: SpB2Config, options: ModelOptions, *, loss_tile: int = 512):
-    """``eval(params, batch) -> (nll_sum, target_count, correct)``: the held-out CE of a batch (no dropout) and
-    how many targets are the argmax of their logits (for ``recall`` data: the recall accuracy). Materialises the
-    batch's ``[B, T, V]`` logits (eval batches are small)."""
+def make_eval_step(config: SpB2Config, options: ModelOptions, *, loss_tile: int = 512,
+                   teacher: Teacher | None = None):
+    """``eval(params, batch[, teacher_params]) -> (nll_sum, target_count, correct, kl_sum)``: the held-out CE of
+    a batch (no dropout), how many targets are the argmax of their logits (for ``recall`` data: the recall
+    accuracy) and, with a ``teacher``, the summed KL(teacher || student) over the targets at temperature 1 (the
+    plain KL, whatever the training temperature; 0 without a teacher). Materialises the batch's ``[B, T, V]``
+    logits (eval batches are small)."""
     model = SpB2ForCausalLM(config, options)
 
-    def evaluate(params, batch):
+    def evaluate(params, batch, teacher_params=None):
         ids, seg = batch["input_ids"], batch["segment_ids"]
         logits = model.apply({"params": params}, ids, segment_ids=seg).logits.astype(jnp.float32)
         labels = targets(ids, seg, batch.get("loss_mask"))
@@ -136,6 +198,11 @@ def make_eval_step(config: SpB2Config, options: ModelOptions, *, loss_tile: int 
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.where(valid, nxt, 0)[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, axis=-1) == nxt) & valid
-        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32), jnp.sum(correct)
+        kl = jnp.float32(0)
+        if teacher is not None:
+            t_logp = jax.nn.log_softmax(teacher.model.apply({"params": teacher_params}, ids, segment_ids=seg)
+                                        .logits.astype(jnp.float32), axis=-1)
+            kl = jnp.sum(jnp.where(valid, jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1), 0.0))
+        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32), jnp.sum(correct), kl
 
     return evaluate
