@@ -127,3 +127,30 @@ def test_t2h_cli_errors_are_one_line(tmp_path, capsys):
     path, out = _convert(tmp_path)
     assert t2h_main(["--qwen3", str(qwen3_fixture_dir()), "--config", str(path), "--out", str(out)]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+STAGES = [  # (preset, MoBA chunk / top-k, sequence shards, teacher?) as the paper's pipeline (issue T2H)
+    ("t2h-align", None, 1, True), ("t2h-kd-8k", (512, 4), 1, True), ("t2h-ext-64k", (1024, 8), 4, False),
+    ("t2h-ext-256k", (4096, 12), 8, False), ("t2h-ext-512k", (4096, 12), 8, False), ("t2h-sft", (4096, 12), 1, True),
+]
+
+
+def test_stage_presets_chain_and_set_the_papers_moba_and_lengths():
+    from spb2_jax.parallel.mesh import parse_mesh_spec
+    from spb2_jax.train import load_config
+
+    previous = None
+    for name, moba, seq_shards, teacher in STAGES:
+        cfg = load_config(REPO / "configs" / "train" / f"{name}.yaml")
+        if moba is not None:
+            model = SpB2Config.from_json_file(REPO / cfg.model.preset)
+            assert (model.attn.moba_chunk_size, model.attn.moba_topk) == moba, name
+            assert cfg.model.init_from == previous, name  # each stage starts from the previous one's params
+        else:
+            assert cfg.model.checkpoint == "runs/t2h/converted" and cfg.distill.train_only_new
+        assert parse_mesh_spec(cfg.mesh)["sequence"] == seq_shards, name
+        assert cfg.data.seq_len % seq_shards == 0
+        assert (cfg.distill.teacher is not None) == teacher, name
+        previous = cfg.run_dir
+    assert load_config(REPO / "configs" / "train" / "t2h-ext-512k.yaml").data.seq_len == 524288
+    assert load_config(REPO / "configs" / "train" / "t2h-sft.yaml").data.format == "chat"

@@ -567,3 +567,24 @@ def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
     outs = launch(3)
     assert "resumed from" in outs[0] and all("done: step 3" in o for o in outs), [o[-600:] for o in outs]
     assert sorted(_losses(config.run_dir)) == [1, 2, 3]
+
+
+def test_chat_documents_learn_only_the_assistant_turns(tmp_path):
+    """``format: chat``: ChatML text, and the loss mask covers exactly each assistant content + ``<|im_end|>``."""
+    convs = [[{"role": "system", "content": f"be brief {i}"}, {"role": "user", "content": f"what is {i}?"},
+              {"role": "assistant", "content": f"it is {i}"}, {"role": "user", "content": "and?"},
+              {"role": "assistant", "content": "done"}] for i in range(5)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    section = DataSection(source=str(path), format="chat", field="messages", eval_documents=1)
+    tokenizer = data_lib.load_tokenizer(section)
+    train_docs, held = data_lib.documents(section, tokenizer, 384, seed=0, eos=2)
+    for doc in [held[0]] + [train_docs[i] for i in range(len(train_docs))]:
+        text = tokenizer.decode(doc["tokens"].tolist(), skip_special_tokens=False)
+        assert text.startswith("<|im_start|>system\nbe brief") and text.count("<|im_end|>") == 5
+        learned = tokenizer.decode(doc["tokens"][doc["loss_mask"] == 1].tolist(), skip_special_tokens=False)
+        number = text.split("what is ")[1].split("?")[0]
+        assert learned == f"it is {number}<|im_end|>done<|im_end|>"
+    path.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(ValueError, match="message 0 must be"):
+        data_lib.documents(section, tokenizer, 384, seed=0, eos=2)

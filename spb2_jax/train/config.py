@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 SCHEDULES = ("cosine", "linear", "constant")
-FORMATS = ("text", "jsonl", "npy", "arrayrecord")
+FORMATS = ("text", "jsonl", "chat", "npy", "arrayrecord")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "full", "save_dots", "save_mixer_outputs")
 
@@ -54,7 +54,8 @@ class DataSection:
 
     source: a file, a directory (every file with an ``extensions`` suffix, recursively) or ``"python-stdlib"``
     (the ``.py`` files of this Python's standard library: text every machine has) or ``"recall"`` (synthetic
-    multi-query associative recall). format: text | jsonl (``field``) | npy (pre-tokenised 1-D token arrays) |
+    multi-query associative recall). format: text | jsonl (``field``) | chat (jsonl, ``field`` holds a list of
+    ``{"role", "content"}`` messages; ChatML, loss on assistant turns only) | npy (pre-tokenised 1-D token arrays) |
     arrayrecord (pre-tokenised: one record of int32 tokens per document).
     tokenizer: a ``tokenizer.json`` (default: the checkpoint's, else the tiny byte-level one shipped with the
     package). Documents are split into pieces of at most ``seq_len`` tokens and packed into rows of ``seq_len``

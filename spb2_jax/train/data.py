@@ -2,7 +2,8 @@
 segment ids -> batches, resumable (the iterator's state goes into every checkpoint).
 
 Sources (``DataSection``): text files or directories (one document per file), jsonl (one document per line, the
-``field`` value), pre-tokenised ``.npy`` files (one 1-D integer array per file), pre-tokenised ArrayRecord files
+``field`` value), chat jsonl (``format: chat``: per line a list of ``{"role", "content"}`` messages under
+``field``, written in ChatML with the loss only on the assistant turns, ``_EncodeChat``), pre-tokenised ``.npy`` files (one 1-D integer array per file), pre-tokenised ArrayRecord files
 (``format: arrayrecord``; one document per record: its tokens as little-endian int32 bytes, read with
 ``grain.sources.ArrayRecordDataSource``; ``write_array_record`` writes them), ``"python-stdlib"`` (the ``.py``
 files of the running Python's standard library: text every machine has without a download) and ``"recall"``
@@ -16,7 +17,7 @@ epoch) and repeated forever; every document is split into pieces of at most ``se
 own segment: positions restart at 0), and ``grain.experimental.FirstFitPackIterDataset`` packs the pieces into
 rows of ``seq_len`` tokens (1-based segment ids, 0 = padding). A batch is ``{"input_ids", "segment_ids",
 "loss_mask"}`` int32 ``[rows, seq_len]``; ``loss_mask`` marks the tokens that are prediction targets (all real
-tokens, except in ``recall`` where only the answers are).
+tokens, except in ``recall`` where only the answers are, and in ``chat`` where only the assistant turns are).
 """
 
 from __future__ import annotations
@@ -79,6 +80,52 @@ def _jsonl_documents(files: list[str], field: str) -> list[str]:
                     raise ValueError(f"{path}:{n}: no field data.field={field!r}")
                 docs.append(str(record[field]))
     return docs
+
+
+def _chat_documents(files: list[str], field: str) -> list[list[dict]]:
+    """Chat conversations: per jsonl line, the list of ``{"role", "content"}`` messages under ``field``."""
+    convs = []
+    for path in files:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                messages = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError(f"{path}:{n}: data.field={field!r} must hold a non-empty list of messages")
+                for i, m in enumerate(messages):
+                    if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                            or not isinstance(m.get("content"), str):
+                        raise ValueError(f"{path}:{n}: message {i} must be {{'role': str, 'content': str}}")
+                convs.append(messages)
+    return convs
+
+
+class _EncodeChat:
+    """A conversation -> ChatML tokens (``<|im_start|>role\\ncontent<|im_end|>\\n`` per message) and a loss mask
+    that is 1 exactly on the assistant messages' content and their ``<|im_end|>`` (Qwen's SFT convention): the
+    model learns to answer and to stop, never to write the user's or the system's turns."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, messages: list[dict]) -> dict[str, np.ndarray]:
+        tokens, mask = [], []
+        for m in messages:
+            answer = m["role"] == "assistant"
+            for text, learn in ((f"<|im_start|>{m['role']}\n", False), (m["content"] + "<|im_end|>", answer),
+                                ("\n", False)):
+                ids = self._ids(text)
+                tokens += ids
+                mask += [int(learn)] * len(ids)
+        return {"tokens": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, np.int32)}
 
 
 def write_array_record(path: str, documents) -> None:
@@ -191,9 +238,11 @@ def documents(data: DataSection, tokenizer: Tokenizer | None, vocab_size: int, s
                                         vocab_size, data.recall_vocab)
         n = data.max_documents or 1 << 30
         return grain.MapDataset.range(n).map(make), grain.MapDataset.range(max(data.eval_documents, 1)).map(held)
-    files = _files(data.source, () if data.format in ("jsonl", "arrayrecord") else data.extensions)
+    files = _files(data.source, () if data.format in ("jsonl", "chat", "arrayrecord") else data.extensions)
     if data.format == "jsonl":
         docs, encode = _jsonl_documents(files, data.field), _Encode("text", tokenizer, eos)
+    elif data.format == "chat":
+        docs, encode = _chat_documents(files, data.field), _EncodeChat(tokenizer)
     elif data.format == "npy":
         docs, encode = files, _Encode("npy", None, None)
     elif data.format == "arrayrecord":
@@ -209,7 +258,10 @@ def documents(data: DataSection, tokenizer: Tokenizer | None, vocab_size: int, s
         raise ValueError(f"data.source={data.source!r} has {len(docs)} documents, not more than "
                          f"data.eval_documents={data.eval_documents}")
     held, train = docs[:data.eval_documents], docs[data.eval_documents:]
-    as_dataset = lambda d: grain.MapDataset.source(d).map(encode).map(_with_mask)  # noqa: E731
+    if data.format == "chat":  # the encoder makes the loss mask
+        as_dataset = lambda d: grain.MapDataset.source(d).map(encode)  # noqa: E731
+    else:
+        as_dataset = lambda d: grain.MapDataset.source(d).map(encode).map(_with_mask)  # noqa: E731
     return as_dataset(train), as_dataset(held)
 
 
