@@ -4,6 +4,7 @@ frozen teacher, training only the new parameters, and stage chaining (alignment 
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,38 @@ def test_stages_chain_alignment_then_kd_with_a_fresh_optimizer(tmp_path):
     assert counts and all(int(c) == 1 for c in counts)  # a fresh optimizer: one step of this stage, not 3 + 1
     kd_records = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     assert kd_records[0]["kl_loss"] > 0 and "align_loss" in kd_records[0]
+
+
+def test_a_teacher_that_cannot_be_aligned_is_refused_before_step_0(tmp_path):
+    """The Qwen3 fixture (4 layers) cannot be aligned layer by layer with the 6-layer tiny hybrid."""
+    from spb2_jax.train import TrainError
+
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.preset={REPO / 'configs' / 'tiny.json'}",
+                                f"distill.teacher={qwen3_fixture_dir()}", "distill.align_weight=1",
+                                "data.source=python-stdlib", "data.max_documents=10", "steps=1"])
+    with pytest.raises(TrainError, match="the teacher has 4 layers of width 64, the student 6 of width 64"):
+        train(config)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sharded_distillation_equals_one_device(tmp_path):
+    """The teacher is placed by the same rules as the student: 5 distillation steps (KL at temperature 2 + CE) on
+    ``fsdp=2,sequence=2,data=2`` (8 forced CPU devices) equal the 1-device losses within 1e-5."""
+    import subprocess
+    import sys
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        np.save(docs / f"doc{i:02d}.npy", rng.integers(3, 384, rng.integers(10, 150)).astype(np.int32))
+    proc = subprocess.run([sys.executable, "-m", "tests.train_worker", str(tmp_path / "runs"), str(docs), "5",
+                           "fsdp=2,sequence=2,data=2", "--", f"distill.teacher={qwen3_fixture_dir()}",
+                           "distill.temperature=2", "distill.ce_weight=0.5"], cwd=REPO, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, sharded = losses[""], losses["fsdp=2,sequence=2,data=2"]
+    assert len(one) == len(sharded) == 5
+    assert np.max(np.abs(np.subtract(sharded, one))) <= 1e-5 * max(map(abs, one)), (sharded, one)

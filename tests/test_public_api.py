@@ -17,8 +17,12 @@ from spb2_jax.ops import (attention_reference, chunk_gated_delta_rule, chunk_gla
 def test_package_exports():
     for name in ("load_pretrained", "Model", "resolve_options", "ModelOptions", "Kernels", "SpB2Config",
                  "SpB2ForCausalLM", "CausalLMOutput", "Segments", "load_hf", "save_hf", "generate", "prefill",
-                 "decode_step", "init_cache", "loss_fn", "causal_lm_loss", "causal_lm_loss_tiled", "logical_axes"):
+                 "decode_step", "init_cache", "loss_fn", "causal_lm_loss", "causal_lm_loss_tiled", "logical_axes",
+                 "load_qwen3", "save_qwen3"):
         assert name in spb2.__all__ and hasattr(spb2, name), name
+    assert list(inspect.signature(spb2.load_qwen3).parameters)[0] == "path"
+    from spb2_jax.t2h import convert, new_param_mask  # T2H: the converter's functions
+    assert callable(convert) and callable(new_param_mask)
     assert list(inspect.signature(spb2.Model.__call__).parameters) == [
         "self", "input_ids", "attention_mask", "segment_ids", "output_hidden_states"]
 

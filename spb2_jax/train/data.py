@@ -3,7 +3,8 @@ segment ids -> batches, resumable (the iterator's state goes into every checkpoi
 
 Sources (``DataSection``): text files or directories (one document per file), jsonl (one document per line, the
 ``field`` value), chat jsonl (``format: chat``: per line a list of ``{"role", "content"}`` messages under
-``field``, written in ChatML with the loss only on the assistant turns, ``_EncodeChat``), pre-tokenised ``.npy`` files (one 1-D integer array per file), pre-tokenised ArrayRecord files
+``field``, written in ChatML with the loss only on the assistant turns, ``_EncodeChat``), pre-tokenised ``.npy``
+files (one 1-D integer array per file), pre-tokenised ArrayRecord files
 (``format: arrayrecord``; one document per record: its tokens as little-endian int32 bytes, read with
 ``grain.sources.ArrayRecordDataSource``; ``write_array_record`` writes them), ``"python-stdlib"`` (the ``.py``
 files of the running Python's standard library: text every machine has without a download) and ``"recall"``

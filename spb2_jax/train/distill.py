@@ -80,7 +80,8 @@ def tiled_kl(student_hidden: jax.Array, student_kernel: jax.Array, teacher_hidde
     def body(total, xs):
         return total + tile_kl(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), acc), (tiles(student_hidden), tiles(teacher_hidden), tiles(mask, False)))
+    xs = (tiles(student_hidden), tiles(teacher_hidden), tiles(mask, False))
+    total, _ = jax.lax.scan(body, jnp.zeros((), acc), xs)
     return (temperature ** 2) * total
 
 

@@ -4,10 +4,14 @@
 
 1. Checks that need no compute, each failing with one message (``TrainError``) before step 0: the run directory
    is writable; the mesh spec parses and its devices exist; the batch divides over the mesh's batch shards and
-   the microbatches; the model source exists.
+   the microbatches; the model source exists; a distillation teacher exists and fits the student (vocabulary;
+   depth and width when aligning).
 2. Model: ``model.preset`` (random init from ``seed``) or ``model.checkpoint`` (HF), optionally params from
    ``model.init_from`` (an HF checkpoint or another run directory); master params float32, placed on the mesh by
-   the logical rules (FSDP); optimizer state initialised under ``jit`` so it takes the params' shardings.
+   the logical rules (FSDP); optimizer state initialised under ``jit`` so it takes the params' shardings. With
+   ``distill.teacher`` the teacher is loaded once, in the compute dtype, placed by the same rules, and never
+   updated (``spb2_jax.train.step.Teacher``); with ``distill.train_only_new`` only the parameters T2H conversion
+   created get updates.
 3. Resume: when ``RUN_DIR/checkpoints`` holds a complete checkpoint, the train state and the data iterator are
    restored from the latest one; the run then continues bitwise as if never stopped (the step's randomness is
    ``fold_in(key(seed), step)``, the data position is in the checkpoint).
@@ -155,12 +159,11 @@ def _load_init_from(path: str, model_config: SpB2Config, params, mesh):
                      f"(checkpoints/)")
 
 
-def _teacher(config: TrainConfig, model_config: SpB2Config, mesh) -> tuple[Teacher | None, Any]:
-    """The frozen distillation teacher and its params (compute dtype, placed by the rules like the student), or
-    ``(None, None)`` without ``distill.teacher``."""
+def _teacher_config(config: TrainConfig, model_config: SpB2Config) -> SpB2Config | None:
+    """The distillation teacher's config, checked against the student before step 0 (None: no teacher)."""
     k = config.distill
     if k.teacher is None:
-        return None, None
+        return None
     if not os.path.isdir(k.teacher):
         raise TrainError(f"distill.teacher={k.teacher!r}: no such directory")
     try:
@@ -170,6 +173,20 @@ def _teacher(config: TrainConfig, model_config: SpB2Config, mesh) -> tuple[Teach
     if teacher_config.vocab_size != model_config.vocab_size:
         raise TrainError(f"distill.teacher={k.teacher!r}: vocabulary {teacher_config.vocab_size} != the student's "
                          f"{model_config.vocab_size}")
+    if k.align_weight and (teacher_config.num_hidden_layers, teacher_config.hidden_size) != (
+            model_config.num_hidden_layers, model_config.hidden_size):
+        raise TrainError(f"distill.align_weight={k.align_weight} compares layer by layer: the teacher has "
+                         f"{teacher_config.num_hidden_layers} layers of width {teacher_config.hidden_size}, the "
+                         f"student {model_config.num_hidden_layers} of width {model_config.hidden_size}")
+    return teacher_config
+
+
+def _teacher(config: TrainConfig, teacher_config: SpB2Config | None, mesh) -> tuple[Teacher | None, Any]:
+    """The frozen distillation teacher and its params (compute dtype, placed by the rules like the student), or
+    ``(None, None)`` without one."""
+    if teacher_config is None:
+        return None, None
+    k = config.distill
     options = resolve_options(teacher_config, dtype=config.model.dtype, impl=config.model.impl, mesh=mesh)
     _, params = load_checkpoint(k.teacher, options.dtype, progress=False,
                                 shardings=None if mesh is None else (lambda c: param_shardings(c, mesh)))
@@ -187,6 +204,7 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
     mesh = _mesh(config)
     _check_shapes(config, mesh)
     model_config, source, checkpoint_dir = _model(config)
+    teacher_config = _teacher_config(config, model_config)
     d = config.data
     options = resolve_options(model_config, dtype=config.model.dtype, impl=config.model.impl,
                               remat=config.model.remat, mesh=mesh)
@@ -222,7 +240,7 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
         else:
             state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
         start = int(jax.device_get(state.step))
-        teacher, teacher_params = _teacher(config, model_config, mesh)  # loaded once, frozen
+        teacher, teacher_params = _teacher(config, teacher_config, mesh)  # loaded once, frozen
         step_fn = jax.jit(make_train_step(model_config, options, optimizer, schedule, microbatches=d.microbatches,
                                           loss_tile=config.loss_tile, seed=config.seed, teacher=teacher))
         eval_fn = jax.jit(make_eval_step(model_config, options, loss_tile=config.loss_tile, teacher=teacher))
