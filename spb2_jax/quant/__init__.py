@@ -5,7 +5,7 @@ Public: ``spike_counts(x, k=3.0) -> (n, v_th)``, ``encode_spikes(n, scheme) -> s
 ``"binary"``, ``"ternary"``, ``"bitwise"``, ``"twos_complement"`` (``SCHEMES``).
 """
 
-from spb2_jax.quant.spikes import (
+from spb2_jax.ops.spikes import (
     SCHEMES,
     clip_rate,
     decode_spikes,

@@ -66,43 +66,39 @@ def _files(source: str, extensions: tuple[str, ...]) -> list[str]:
     return sorted(files)
 
 
-def _jsonl_documents(files: list[str], field: str) -> list[str]:
-    docs = []
+def _jsonl_records(files: list[str]):
+    """``(path, line number, record)`` for every non-blank line of the jsonl ``files``."""
     for path in files:
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    yield path, n, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise ValueError(f"{path}:{n}: no field data.field={field!r}")
-                docs.append(str(record[field]))
+
+
+def _jsonl_documents(files: list[str], field: str) -> list[str]:
+    docs = []
+    for path, n, record in _jsonl_records(files):
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{n}: no field data.field={field!r}")
+        docs.append(str(record[field]))
     return docs
 
 
 def _chat_documents(files: list[str], field: str) -> list[list[dict]]:
     """Chat conversations: per jsonl line, the list of ``{"role", "content"}`` messages under ``field``."""
     convs = []
-    for path in files:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                messages = record.get(field) if isinstance(record, dict) else None
-                if not isinstance(messages, list) or not messages:
-                    raise ValueError(f"{path}:{n}: data.field={field!r} must hold a non-empty list of messages")
-                for i, m in enumerate(messages):
-                    if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                            or not isinstance(m.get("content"), str):
-                        raise ValueError(f"{path}:{n}: message {i} must be {{'role': str, 'content': str}}")
-                convs.append(messages)
+    for path, n, record in _jsonl_records(files):
+        messages = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{path}:{n}: data.field={field!r} must hold a non-empty list of messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{path}:{n}: message {i} must be {{'role': str, 'content': str}}")
+        convs.append(messages)
     return convs
 
 

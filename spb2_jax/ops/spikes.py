@@ -1,4 +1,5 @@
-"""INT8-Spiking: SpikingBrain's integer spike counts and an exact emulator of their spike trains.
+"""INT8-Spiking math (pure jnp; re-exported by ``spb2_jax.quant``): SpikingBrain's integer spike counts and an exact
+spike-train emulator.
 
 Counts (SpikingBrain 1.0, arXiv 2509.05276 eqs. 19-23; ``W8ASpike``): per token, an adaptive threshold over the
 input features ``V_th = clip(mean(|x|) / k, 1e-5, 1e4)`` (float32) and integer counts ``n = round(x / V_th)``,
