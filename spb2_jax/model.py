@@ -145,7 +145,8 @@ class SpB2ForCausalLM(nn.Module):
         self.model = SpB2Model(c, o)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, "lm_head", c.initializer_range, axes=(rules.EMBED, rules.VOCAB),
-                                 dtype=o.dtype, param_dtype=o.param_dtype)
+                                 dtype=o.dtype, param_dtype=o.param_dtype,
+                                 coding=o.coding if o.quantize_lm_head else "none", spike_k=o.spike_k)
 
     def __call__(
         self,

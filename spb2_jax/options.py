@@ -21,6 +21,10 @@ Decisions made here and nowhere else:
 - **dtypes**: ``dtype`` (compute) and ``param_dtype`` (storage); recurrences, softmax statistics, norms and
   losses accumulate in float32 regardless.
 - **remat policy** of the decoder block (``REMAT_POLICIES``, see ``spb2_jax.layers.block``).
+- **activation coding** (``coding``): ``"none"``, ``"fp8"`` (e4m3 weights and per-token activations, one float8
+  ``dot_general`` per linear layer) or ``"int8_spiking"`` (SpikingBrain's spike counts with threshold
+  ``mean|x| / spike_k`` times INT8 weights, exact int32 products); quantised params come from
+  ``spb2_jax.quant.quantize``. ``quantize_lm_head`` also codes an untied LM head.
 - **decoding**: ``moba_decode`` (``"exact"``: the forward's per-token block selection; ``"dense"``: the official
   cached path) and ``official_rope_offset`` (the official cache's RoPE quirk).
 """
@@ -39,6 +43,7 @@ TARGETS = ("triton", "mosaic_tpu")
 MOBA_ALGORITHMS = ("gathered", "union")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_mixer_outputs")
 MOBA_DECODE = ("exact", "dense")
+CODINGS = ("none", "fp8", "int8_spiking")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
@@ -137,6 +142,8 @@ class ModelOptions:
       remat: decoder-block rematerialisation policy (``REMAT_POLICIES``).
       moba_decode: ``"exact"`` or ``"dense"`` (official cached MoBA decode).
       official_rope_offset: reproduce the official cache's RoPE offset (+1 in layers >= 1) when decoding.
+      coding: activation coding of the linear layers (``CODINGS``); spike_k: the INT8-Spiking threshold divisor
+        k; quantize_lm_head: code an untied LM head too.
     """
 
     dtype: Any = jnp.float32
@@ -145,6 +152,9 @@ class ModelOptions:
     remat: str = "none"
     moba_decode: str = "exact"
     official_rope_offset: bool = False
+    coding: str = "none"
+    spike_k: float = 3.0
+    quantize_lm_head: bool = False
 
     @property
     def sequence_parallel(self) -> bool:
@@ -165,6 +175,10 @@ def _validate(o: ModelOptions) -> None:
         raise ValueError(f"moba_decode={o.moba_decode!r} is not one of {MOBA_DECODE}")
     if not isinstance(o.kernels, Kernels):
         raise ValueError(f"kernels must be a Kernels record, got {type(o.kernels).__name__}")
+    if o.coding not in CODINGS:
+        raise ValueError(f"coding={o.coding!r} is not one of {CODINGS}")
+    if not o.spike_k > 0:
+        raise ValueError(f"spike_k={o.spike_k} must be > 0 (the spiking threshold is mean|x| / k)")
 
 
 def resolve_options(
@@ -183,6 +197,9 @@ def resolve_options(
     official_rope_offset: bool = False,
     backend: str | None = None,
     mesh: Any = None,
+    coding: str = "none",
+    spike_k: float = 3.0,
+    quantize_lm_head: bool = False,
 ) -> ModelOptions:
     """The one place where the options are decided (module docstring).
 
@@ -199,6 +216,8 @@ def resolve_options(
       mesh: the ``jax.sharding.Mesh`` the model will run under (``spb2_jax.parallel.make_mesh``): with a
         ``sequence`` axis of size > 1 the token mixers run sequence-parallel over it
         (``Kernels.sequence_shards``). The model must then be applied under ``spb2_jax.parallel.use_rules(mesh)``.
+      coding, spike_k, quantize_lm_head: activation coding (``"none"``, ``"fp8"``, ``"int8_spiking"``; params from
+        ``spb2_jax.quant.quantize``), the spiking threshold divisor, whether an untied LM head is coded.
     """
     del config
     shards = 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
@@ -208,7 +227,8 @@ def resolve_options(
                               interpret=interpret, block_size=block_size, moba_algorithm=moba_algorithm,
                               chunk_size=chunk_size, sequence_shards=shards)
     opts = ModelOptions(dtype=dtype, param_dtype=param_dtype, kernels=kernels, remat=remat,
-                        moba_decode=moba_decode, official_rope_offset=bool(official_rope_offset))
+                        moba_decode=moba_decode, official_rope_offset=bool(official_rope_offset), coding=coding,
+                        spike_k=float(spike_k), quantize_lm_head=bool(quantize_lm_head))
     _validate(opts)
     return opts
 

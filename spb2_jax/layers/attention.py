@@ -42,7 +42,7 @@ class AttentionMixer(nn.Module):
         positions. With ``cache`` and ``step``: the real tokens are added to the cache first."""
         c, a, o = self.config, self.config.attn, self.options
         H = c.head_dim
-        kw = dict(use_bias=a.qkv_bias, dtype=o.dtype, param_dtype=o.param_dtype)
+        kw = dict(use_bias=a.qkv_bias, dtype=o.dtype, param_dtype=o.param_dtype, coding=o.coding, spike_k=o.spike_k)
         std = c.initializer_range
         x = rules.constrain(x, rules.HIDDEN)
         q = dense(a.num_heads * H, "q_proj", std, axes=(rules.EMBED, rules.Q_HEADS), **kw)(x)
@@ -69,7 +69,7 @@ class AttentionMixer(nn.Module):
         out = rules.constrain(out, rules.HEADS)  # [B, T, N, H]
         out = rearrange(out, "B T N H -> B T (N H)")
         out = dense(c.hidden_size, "o_proj", std, axes=(rules.Q_HEADS, rules.EMBED), dtype=o.dtype,
-                    param_dtype=o.param_dtype)(out)
+                    param_dtype=o.param_dtype, coding=o.coding, spike_k=o.spike_k)(out)
         return rules.constrain(out, rules.HIDDEN), cache
 
     def _attend_forward(self, q, k, v, segments: Segments):

@@ -66,7 +66,8 @@ class DecoderBlock(nn.Module):
         mixed = checkpoint_name(mixed, MIXER_OUTPUT)
         h = x + mixed
         m = RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(h)
-        y = h + GatedMLP(c.hidden_size, c.mlp_intermediate_size, c.initializer_range, name="mlp", **kw)(m)
+        y = h + GatedMLP(c.hidden_size, c.mlp_intermediate_size, c.initializer_range, name="mlp", coding=o.coding,
+                         spike_k=o.spike_k, **kw)(m)
         return rules.constrain(y, rules.HIDDEN), mixed, aux, cache
 
 

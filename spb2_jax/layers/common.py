@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spb2_jax.ops.norms import gated_rms_norm, rms_norm
+from spb2_jax.ops.quantized import FP8, GROUP, fp8_linear, spiking_linear
 from spb2_jax.parallel import rules
 
 Dtype = Any
@@ -44,13 +45,55 @@ class RMSNorm(nn.Module):
         return gated_rms_norm(x, gate, scale, self.eps).astype(self.dtype)
 
 
+QUANT_EXEMPT = ("sse_a_proj", "sse_b_proj", "sse_e_proj")  # kept in the compute dtype, as the official vLLM plugin
+
+
 def dense(features: int, name: str, cfg_init_std: float, *, axes: tuple[str, str], use_bias: bool = False,
-          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Dense:
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, coding: str = "none",
+          spike_k: float = 3.0) -> nn.Module:
     """``nn.Dense`` named like the HF linear layer (kernel = HF weight transposed), N(0, std) init; the kernel's
-    logical axes are ``axes = (input axis, output axis)``, the bias's ``(output axis,)``."""
+    logical axes are ``axes = (input axis, output axis)``, the bias's ``(output axis,)``. With ``coding`` ``"fp8"``
+    or ``"int8_spiking"`` (and a name not in ``QUANT_EXEMPT``): a ``QuantDense`` of the same name reading the
+    params ``spb2_jax.quant.quantize`` made."""
+    if coding != "none" and name not in QUANT_EXEMPT:
+        return QuantDense(features, coding=coding, spike_k=spike_k, use_bias=use_bias, axes=axes, dtype=dtype,
+                          name=name)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=partitioned(nn.initializers.normal(cfg_init_std), *axes),
                     bias_init=partitioned(nn.initializers.zeros, axes[1]))
+
+
+class QuantDense(nn.Module):
+    """A linear layer on quantised params (``spb2_jax.ops.quantized``): ``fp8``: ``kernel [F, D]`` float8_e4m3fn and
+    ``scale [F]``; ``int8_spiking``: ``kernel [D, F]`` int8 and ``scale [G, F]`` (groups of 128 inputs); an
+    optional float32 ``bias [F]``. Output in ``dtype``. Initialising one gives zero weights: quantise trained
+    params instead (``spb2_jax.quant.quantize``)."""
+
+    features: int
+    coding: str
+    spike_k: float = 3.0
+    use_bias: bool = False
+    axes: tuple[str, str] = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        D, F = x.shape[-1], self.features
+        zeros = lambda dtype: lambda key, shape: jnp.zeros(shape, dtype)  # noqa: E731
+        ones = lambda key, shape: jnp.ones(shape, jnp.float32)  # noqa: E731
+        if self.coding == "fp8":
+            kernel = self.param("kernel", partitioned(zeros(FP8), self.axes[1], self.axes[0]), (F, D))
+            scale = self.param("scale", partitioned(ones, self.axes[1]), (F,))
+            y = fp8_linear(x, kernel, scale)
+        elif self.coding == "int8_spiking":
+            kernel = self.param("kernel", partitioned(zeros(jnp.int8), *self.axes), (D, F))
+            scale = self.param("scale", partitioned(ones, None, self.axes[1]), (-(-D // GROUP), F))
+            y = spiking_linear(x, kernel, scale, self.spike_k)
+        else:
+            raise ValueError(f"QuantDense coding={self.coding!r} must be 'fp8' or 'int8_spiking'")
+        if self.use_bias:
+            y = y + self.param("bias", partitioned(zeros(jnp.float32), self.axes[1]), (F,))
+        return y.astype(self.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -61,10 +104,12 @@ class GatedMLP(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    coding: str = "none"
+    spike_k: float = 3.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, coding=self.coding, spike_k=self.spike_k)
         up_axes, down_axes = (rules.EMBED, rules.MLP), (rules.MLP, rules.EMBED)
         gate = dense(self.intermediate_size, "gate_proj", self.init_std, axes=up_axes, **kw)(x)  # [B, T, F]
         up = dense(self.intermediate_size, "up_proj", self.init_std, axes=up_axes, **kw)(x)  # [B, T, F]

@@ -55,8 +55,9 @@ class SSESWAMixer(nn.Module):
     options: ModelOptions = ModelOptions()
 
     def _dense(self, features, name, axes, use_bias=False):
+        o = self.options
         return dense(features, name, self.config.initializer_range, axes=axes, use_bias=use_bias,
-                     dtype=self.options.dtype, param_dtype=self.options.param_dtype)
+                     dtype=o.dtype, param_dtype=o.param_dtype, coding=o.coding, spike_k=o.spike_k)
 
     def _norm(self, name, axis_name=rules.NORM):
         return RMSNorm(eps=self.config.norm_eps, dtype=self.options.dtype, param_dtype=self.options.param_dtype,

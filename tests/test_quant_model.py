@@ -1,0 +1,80 @@
+"""The coded model (``ModelOptions.coding``) on ``spb2_jax.quant.quantize`` params: which layers are quantised,
+the float8 dot of every FP8 layer in the program XLA receives, and the errors for bad input."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import spb2_jax as spb2
+from spb2_jax.quant import quantize, quantized_layers
+from spb2_jax.layers.common import QUANT_EXEMPT
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return spb2.load_pretrained(None)  # the embedded tiny model: MoBA, full and SSE-GDN layers
+
+
+@pytest.mark.parametrize("coding, kdtype", [("fp8", jnp.float8_e4m3fn), ("int8_spiking", jnp.int8)])
+def test_quantize_codes_every_linear_layer_but_the_exempt_ones(tiny, coding, kdtype):
+    q = traverse_util.flatten_dict(quantize(tiny.params, tiny.config, coding))
+    flat = traverse_util.flatten_dict(tiny.params)
+    coded = set(quantized_layers(tiny.params))
+    assert len(coded) == 66 and not any(p[-1] in QUANT_EXEMPT for p in coded)
+    for path, value in flat.items():
+        if path[:-1] in coded and path[-1] == "kernel":
+            D, F = value.shape
+            assert q[path].dtype == kdtype
+            assert q[path].shape == ((F, D) if coding == "fp8" else (D, F))
+            assert q[path[:-1] + ("scale",)].shape == ((F,) if coding == "fp8" else (-(-D // 128), F))
+        else:  # embeddings, norms, A_log / dt_bias, the gates and router: untouched
+            assert q[path] is value, path
+    exempt = [p for p in flat if p[-2] in QUANT_EXEMPT]
+    assert exempt and all(q[p].dtype == jnp.float32 for p in exempt)
+
+
+def test_every_fp8_layer_is_one_float8_dot_in_the_program(tiny):
+    """The lowered program (what XLA receives) holds one ``dot_general`` with two float8_e4m3fn operands and a
+    float32 result per quantised layer. (XLA:CPU then upcasts them; on Hopper XLA:GPU rewrites this pattern into a
+    cuBLASLt FP8 GEMM, which needs a GPU run to show.)"""
+    qp = quantize(tiny.params, tiny.config, "fp8")
+    model = spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding="fp8"))
+    text = jax.jit(lambda p, ids: model.apply({"params": p}, ids).logits).lower(
+        qp, jnp.ones((1, 32), jnp.int32)).as_text()
+    f8_dots = re.findall(r"stablehlo\.dot_general[^\n]*\(tensor<[^>]*f8E4M3FN>, tensor<[^>]*f8E4M3FN>\) -> "
+                         r"tensor<[^>]*f32>", text)
+    assert len(f8_dots) == len(quantized_layers(tiny.params)) == 66
+
+
+@pytest.mark.parametrize("coding", ["fp8", "int8_spiking"])
+def test_the_coded_model_runs_close_to_float32(tiny, coding):
+    """A smoke bound only (the embedded model has random O(1) weights, the worst case for coding): finite logits
+    whose argmax agrees with float32 on most tokens. The accuracy measurement on a trained model is a benchmark."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 384, (2, 48)))
+    ref = np.asarray(tiny(ids).logits)
+    qp = quantize(tiny.params, tiny.config, coding)
+    out = np.asarray(spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding=coding)).apply(
+        {"params": qp}, ids).logits)
+    assert np.isfinite(out).all() and out.shape == ref.shape
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.3  # chance: 1/384
+
+
+def test_bad_codings_and_params_raise_clear_errors(tiny):
+    with pytest.raises(ValueError, match="coding='int4' is not one of"):
+        spb2.resolve_options(tiny.config, coding="int4")
+    with pytest.raises(ValueError, match="spike_k=0.0 must be > 0"):
+        spb2.resolve_options(tiny.config, coding="int8_spiking", spike_k=0.0)
+    with pytest.raises(ValueError, match="coding='int4' is not one of"):
+        quantize(tiny.params, tiny.config, "int4")
+    with pytest.raises(ValueError, match="tied to the embeddings"):
+        quantize(tiny.params, tiny.config, "fp8", lm_head=True)
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize(quantize(tiny.params, tiny.config, "fp8"), tiny.config, "int8_spiking")
+    with pytest.raises(ValueError, match="no linear layer kernels"):
+        quantize({"model": {"norm": {"scale": jnp.ones(4)}}}, tiny.config, "fp8")
