@@ -78,3 +78,38 @@ def test_bad_codings_and_params_raise_clear_errors(tiny):
         quantize(quantize(tiny.params, tiny.config, "fp8"), tiny.config, "int8_spiking")
     with pytest.raises(ValueError, match="no linear layer kernels"):
         quantize({"model": {"norm": {"scale": jnp.ones(4)}}}, tiny.config, "fp8")
+
+
+def test_spiking_statistics_are_sown_without_changing_the_output(tiny):
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, 384, (2, 40)))
+    qp = quantize(tiny.params, tiny.config, "int8_spiking")
+    model = spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding="int8_spiking"))
+    plain = model.apply({"params": qp}, ids).logits
+    out, state = model.apply({"params": qp}, ids, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain))
+    stats = {path[:-1]: v[0] for path, v in traverse_util.flatten_dict(state["intermediates"]).items()
+             if path[-1] == "spike_stats"}
+    assert len(stats) == 66  # every coded layer reported its input
+    for layer, values in stats.items():
+        s = {k: float(v) for k, v in values.items()}
+        assert 0 <= s["zero_fraction"] <= 1 and 0 <= s["silent_channel_fraction"] <= s["zero_fraction"] + 1e-6
+        assert s["small_count_share"] >= s["zero_fraction"] and s["mean_popcount"] <= s["mean_abs_count"] + 1e-6
+        assert 1 <= s["max_abs_count"] <= 127 and s["clip_rate"] >= 0
+
+
+def test_count_stats_against_numpy():
+    from spb2_jax.ops.spikes import count_stats
+    from spb2_jax.quant import spike_counts
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(3, size=(4, 7, 32)).astype(np.float32)
+    x[..., 5] = 0.0  # a silent channel
+    n, v = spike_counts(jnp.asarray(x), 3.0)
+    s = {k: float(val) for k, val in count_stats(n, jnp.asarray(x), v).items()}
+    a = np.abs(np.asarray(n, np.int64))
+    assert s["zero_fraction"] == pytest.approx((a == 0).mean())
+    assert s["mean_abs_count"] == pytest.approx(a.mean())
+    assert s["mean_popcount"] == pytest.approx(np.vectorize(lambda t: bin(t).count("1"))(a).mean())
+    assert s["small_count_share"] == pytest.approx((a <= 7).mean())
+    assert s["silent_channel_fraction"] == pytest.approx((a.reshape(-1, 32) == 0).all(0).mean())
+    assert s["max_abs_count"] == a.max() and s["numel"] == a.size

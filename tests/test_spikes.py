@@ -30,7 +30,7 @@ def _zero_a_row(a):
     return a
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.tuples(st.integers(1, 4), st.integers(1, 9)).flatmap(_int8), scheme=st.sampled_from(SIGNED))
 def test_signed_encoders_round_trip(n, scheme):
     s = encode_spikes(jnp.asarray(n), scheme)
@@ -48,7 +48,7 @@ def test_binary_encoder_round_trips_nonnegative_counts(n):
     np.testing.assert_array_equal(np.asarray(decode_spikes(s, "binary")), n.astype(np.int32))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(data=st.data(), scheme=st.sampled_from(SCHEMES))
 def test_event_driven_accumulator_equals_the_int32_matmul(data, scheme):
     rows, d, f = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 16)), data.draw(st.integers(1, 6))

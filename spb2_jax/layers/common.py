@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from spb2_jax.ops.norms import gated_rms_norm, rms_norm
-from spb2_jax.ops.quantized import FP8, GROUP, fp8_linear, spiking_linear
+from spb2_jax.ops.quantized import FP8, GROUP, fp8_linear, spiking_from_counts
+from spb2_jax.ops.spikes import count_stats, spike_counts
 from spb2_jax.parallel import rules
 
 Dtype = Any
@@ -66,7 +67,8 @@ def dense(features: int, name: str, cfg_init_std: float, *, axes: tuple[str, str
 class QuantDense(nn.Module):
     """A linear layer on quantised params (``spb2_jax.ops.quantized``): ``fp8``: ``kernel [F, D]`` float8_e4m3fn and
     ``scale [F]``; ``int8_spiking``: ``kernel [D, F]`` int8 and ``scale [G, F]`` (groups of 128 inputs); an
-    optional float32 ``bias [F]``. Output in ``dtype``. Initialising one gives zero weights: quantise trained
+    optional float32 ``bias [F]``. The spiking path sows its input's count statistics
+    (``spb2_jax.ops.spikes.count_stats``) as ``intermediates/.../spike_stats`` without changing the output. Output in ``dtype``. Initialising one gives zero weights: quantise trained
     params instead (``spb2_jax.quant.quantize``)."""
 
     features: int
@@ -88,7 +90,9 @@ class QuantDense(nn.Module):
         elif self.coding == "int8_spiking":
             kernel = self.param("kernel", partitioned(zeros(jnp.int8), *self.axes), (D, F))
             scale = self.param("scale", partitioned(ones, None, self.axes[1]), (-(-D // GROUP), F))
-            y = spiking_linear(x, kernel, scale, self.spike_k)
+            n, v_th = spike_counts(x, self.spike_k)
+            self.sow("intermediates", "spike_stats", count_stats(n, x, v_th))  # no-op unless asked for
+            y = spiking_from_counts(n, v_th, kernel, scale)
         else:
             raise ValueError(f"QuantDense coding={self.coding!r} must be 'fp8' or 'int8_spiking'")
         if self.use_bias:

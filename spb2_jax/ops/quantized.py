@@ -86,12 +86,18 @@ def group_products(n: jax.Array, w_q: jax.Array, group: int = GROUP) -> jax.Arra
     return jax.lax.dot_general(ng, wg, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
 
 
+def spiking_from_counts(n: jax.Array, v_th: jax.Array, w_q: jax.Array, scale: jax.Array,
+                        group: int = GROUP) -> jax.Array:
+    """``V_th * sum_g s_g (n_g @ w_g)`` float32 ``[..., F]`` from counts ``n [..., D]`` int8 and ``v_th [..., 1]``."""
+    lead = n.shape[:-1]
+    prod = group_products(n.reshape(-1, n.shape[-1]), w_q, group).astype(jnp.float32)  # [G, M, F]
+    y = jnp.sum(prod * scale[:, None, :], axis=0) * v_th.reshape(-1, 1)  # [M, F]
+    return y.reshape(lead + (w_q.shape[1],))
+
+
 def spiking_linear(x: jax.Array, w_q: jax.Array, scale: jax.Array, k: float = 3.0,
                    group: int = GROUP) -> jax.Array:
     """``x [..., D]`` through an INT8 weight (``quantize_int8_weight``) with spike-count activations:
     ``V_th * sum_g s_g (n_g @ w_g)`` float32 ``[..., F]``."""
-    lead = x.shape[:-1]
-    n, v_th = spike_counts(x.reshape(-1, x.shape[-1]), k)  # [M, D] int8, [M, 1]
-    prod = group_products(n, w_q, group).astype(jnp.float32)  # [G, M, F]
-    y = jnp.sum(prod * scale[:, None, :], axis=0) * v_th  # [M, F]
-    return y.reshape(lead + (w_q.shape[1],))
+    n, v_th = spike_counts(x, k)
+    return spiking_from_counts(n, v_th, w_q, scale, group)

@@ -138,3 +138,26 @@ def spike_matmul(s: jax.Array, w_int8: jax.Array, scheme: str) -> jax.Array:
     for step in steps[1:]:
         acc = 2 * acc + step
     return acc
+
+
+def count_stats(n: jax.Array, x: jax.Array, v_th: jax.Array) -> dict[str, jax.Array]:
+    """Float32 scalars describing one layer input's counts ``n [..., D]`` (from ``spike_counts(x)``), from which
+    the spiking report derives firing rates for any scheme (``sum|s| / (numel T)``):
+
+    - ``numel``; ``max_abs_count`` (sets T: ``max|n|`` ternary, ``ceil(log2(max|n| + 1))`` bitwise);
+    - ``zero_fraction``: counts equal to 0; ``small_count_share``: counts with ``|n| <= 7``;
+    - ``mean_abs_count``: ternary spikes per activation (``sum|s| = sum|n|``); ``mean_popcount``: bitwise spikes
+      per activation (set bits of ``|n|``);
+    - ``silent_channel_fraction``: input channels whose count is 0 for every token;
+    - ``clip_rate``: counts clipped at +-127 (``clip_rate``).
+    """
+    a = jnp.abs(n.astype(jnp.int32))
+    bits = sum((a >> i) & 1 for i in range(8))
+    flat = a.reshape(-1, a.shape[-1])
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return {
+        "numel": f32(a.size), "max_abs_count": f32(jnp.max(a)), "zero_fraction": f32(jnp.mean(a == 0)),
+        "small_count_share": f32(jnp.mean(a <= 7)), "mean_abs_count": f32(jnp.mean(a)),
+        "mean_popcount": f32(jnp.mean(bits)), "silent_channel_fraction": f32(jnp.mean(jnp.all(flat == 0, axis=0))),
+        "clip_rate": clip_rate(x, v_th),
+    }

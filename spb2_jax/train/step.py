@@ -185,13 +185,14 @@ def make_eval_step(config: SpB2Config, options: ModelOptions, *, loss_tile: int 
     """``eval(params, batch[, teacher_params]) -> (nll_sum, target_count, correct, kl_sum)``: the held-out CE of
     a batch (no dropout), how many targets are the argmax of their logits (for ``recall`` data: the recall
     accuracy) and, with a ``teacher``, the summed KL(teacher || student) over the targets at temperature 1 (the
-    plain KL, whatever the training temperature; 0 without a teacher). Materialises the batch's ``[B, T, V]``
-    logits (eval batches are small)."""
+    plain KL, whatever the training temperature; 0 without a teacher; tiled, so the teacher's ``[B, T, V]`` logits
+    never exist). Materialises the student's ``[B, T, V]`` logits (eval batches are small)."""
     model = SpB2ForCausalLM(config, options)
 
     def evaluate(params, batch, teacher_params=None):
         ids, seg = batch["input_ids"], batch["segment_ids"]
-        logits = model.apply({"params": params}, ids, segment_ids=seg).logits.astype(jnp.float32)
+        out = model.apply({"params": params}, ids, segment_ids=seg)
+        logits = out.logits.astype(jnp.float32)
         labels = targets(ids, seg, batch.get("loss_mask"))
         nxt = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
         valid = nxt != IGNORE_INDEX
@@ -199,10 +200,12 @@ def make_eval_step(config: SpB2Config, options: ModelOptions, *, loss_tile: int 
         nll = -jnp.take_along_axis(logp, jnp.where(valid, nxt, 0)[..., None], axis=-1)[..., 0]
         correct = (jnp.argmax(logits, axis=-1) == nxt) & valid
         kl = jnp.float32(0)
-        if teacher is not None:
-            t_logp = jax.nn.log_softmax(teacher.model.apply({"params": teacher_params}, ids, segment_ids=seg)
-                                        .logits.astype(jnp.float32), axis=-1)
-            kl = jnp.sum(jnp.where(valid, jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1), 0.0))
+        if teacher is not None:  # tiled: the teacher's [B, T, V] logits never exist
+            t_out = teacher.model.apply({"params": teacher_params}, ids, segment_ids=seg, output_logits=False)
+            t_kernel = head_kernel(teacher_params, teacher.model.config).astype(teacher.model.resolved_options.dtype)
+            kernel = head_kernel(params, config).astype(model.resolved_options.dtype)
+            kl = tiled_kl(out.last_hidden_state, kernel, t_out.last_hidden_state, t_kernel, valid, temperature=1.0,
+                          tile_size=loss_tile)
         return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32), jnp.sum(correct), kl
 
     return evaluate
