@@ -31,14 +31,22 @@ TINY = os.path.join(REPO, "configs", "tiny.json")
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # many small programs; subprocesses get the same setting
 
 
+def _tiny3_dict() -> dict:
+    """configs/tiny.json cut to 3 layers: MoBA, SSE-GDN + SWA, full (every kind; about a third of the compile)."""
+    d = json.load(open(TINY))
+    d.update(num_hidden_layers=3)
+    d["attn"] = dict(d["attn"], layers=[0, 2], full_layers=[2])
+    return d
+
+
 def _run_config(tmp_path, *extra):
-    """A small run on pre-tokenised documents: 8 steps of 4 rows x 64 tokens of the tiny hybrid."""
+    """A small run on pre-tokenised documents: 8 steps of 4 rows x 64 tokens of the 3-layer tiny hybrid."""
     docs = tmp_path / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(24):
         np.save(docs / f"doc{i:02d}.npy", rng.integers(3, 384, rng.integers(10, 150)).astype(np.int32))
-    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.preset={TINY}", f"data.source={docs}",
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.preset={_tiny3(tmp_path)}", f"data.source={docs}",
                               "data.format=npy", "data.extensions=.npy", "data.seq_len=64", "data.batch_size=4",
                               "data.eval_documents=2", "steps=8", "checkpoint_every=2", "log_every=1",
                               "optimizer.lr=3e-3", "optimizer.warmup_steps=2", *extra])
@@ -154,10 +162,9 @@ def test_four_microbatches_equal_one_batch():
     one batch of 8 within 1e-6 (measured ~1e-8: the float32 recurrent states). With the aux loss on (float32), the
     accumulated aux term is the mean of the microbatches' own aux losses (step docstring: a product of batch
     means does not accumulate)."""
+    config = SpB2Config.from_dict(_tiny3_dict())  # MoBA, SSE-GDN + SWA, full
     with jax.enable_x64(True):
-        _check_accumulation(*_accumulation_gap(SpB2Config.from_json_file(TINY).replace(aux_loss_coef=0.0),
-                                               jnp.float64))
-    config = SpB2Config.from_json_file(TINY)
+        _check_accumulation(*_accumulation_gap(config.replace(aux_loss_coef=0.0), jnp.float64))
     state, step4 = _state_and_step(config, 4)
     batch = _packed_batch()
     _, m = jax.device_get(step4(state, batch))
@@ -385,7 +392,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     want = _losses(reference.run_dir)
     assert sorted(want) == list(range(1, 9))
     config = _run_config(tmp_path / "b")
-    args = [sys.executable, "-m", "spb2_jax.train", f"run_dir={config.run_dir}", f"model.preset={TINY}",
+    args = [sys.executable, "-m", "spb2_jax.train", f"run_dir={config.run_dir}", f"model.preset={config.model.preset}",
             f"data.source={tmp_path / 'b' / 'docs'}", "data.format=npy", "data.extensions=.npy", "data.seq_len=64",
             "data.batch_size=4", "data.eval_documents=2", "steps=8", "checkpoint_every=2", "log_every=1",
             "optimizer.lr=3e-3", "optimizer.warmup_steps=2"]
@@ -415,7 +422,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     """SIGTERM during a CLI run: the current step finishes, a checkpoint of it is saved (and is the latest), the
     process exits with status 0 saying so."""
     config = _run_config(tmp_path, "steps=200", "checkpoint_every=100")
-    args = [sys.executable, "-m", "spb2_jax.train", f"run_dir={config.run_dir}", f"model.preset={TINY}",
+    args = [sys.executable, "-m", "spb2_jax.train", f"run_dir={config.run_dir}", f"model.preset={config.model.preset}",
             f"data.source={config.data.source}", "data.format=npy", "data.extensions=.npy", "data.seq_len=64",
             "data.batch_size=4", "data.eval_documents=2", "steps=200", "checkpoint_every=100", "log_every=1"]
     proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
@@ -437,11 +444,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- sharded
 
+def _tiny3(tmp_path) -> str:
+    """``_tiny3_dict()`` written as a preset file."""
+    path = tmp_path / "tiny3.json"
+    path.write_text(json.dumps(_tiny3_dict()))
+    return str(path)
+
+
 def _sharded_losses(tmp_path, steps, *specs):
     config = _run_config(tmp_path)  # writes the documents
     proc = subprocess.run([sys.executable, "-m", "tests.train_worker", str(tmp_path / "runs"),
-                           config.data.source, str(steps), *specs], cwd=REPO, capture_output=True, text=True,
-                          timeout=1200)
+                           config.data.source, str(steps), *specs, "--", f"model.preset={config.model.preset}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -457,15 +471,16 @@ def _check_sharded(losses, steps):
 def test_sharded_training_equals_one_device(tmp_path):
     """8 forced CPU devices, meshes ``fsdp=2,sequence=2,data=2`` and ``fsdp=8`` (params and optimizer state
     sharded by the rules, batch over data x fsdp, time over sequence with the sequence-parallel mixers): the
-    losses of 20 steps equal the 1-device run's within 1e-5 (float32; measured: at most 3.2e-7).
+    losses of 20 steps of the 3-layer tiny hybrid (MoBA, SSE-GDN + SWA, full) equal the 1-device run's within
+    1e-5 (float32; measured: 4.8e-7 for both meshes; 3.2e-7 with the 6-layer configs/tiny.json).
 
     The run uses AdamW with lr 1e-3 and ``eps=1e-3``: two amplifiers of float32 reassociation noise that belong to
     the optimisation, not to the sharding, were measured with the same 20 steps (largest gap of the two meshes):
     with ``eps=1e-8`` Adam divides every gradient entry by its own magnitude, so entries near zero (the SSE
     router's gradient is ill-conditioned in float32) whose noise flips their sign become updates of size lr in
-    opposite directions (gap 1.3e-5 at step 7, 1e-3 at step 20); with lr 3e-3 the trajectory itself is unstable
-    from step 8 on — gaps grow about 3x per step, identically for both meshes (3.6e-6 at step 9, 6.2e-4 at step
-    20), as two 1-device runs from points 1e-7 apart would."""
+    opposite directions (gap 1.3e-5 at step 7, 1e-3 at step 20; configs/tiny.json); with lr 3e-3 the trajectory
+    itself is unstable from step 8 on — gaps grow about 3x per step, identically for both meshes (3.6e-6 at step
+    9, 6.2e-4 at step 20), as two 1-device runs from points 1e-7 apart would."""
     _check_sharded(_sharded_losses(tmp_path, 20, "fsdp=2,sequence=2,data=2", "fsdp=8"), 20)
 
 
@@ -511,7 +526,7 @@ def test_export_hf_then_init_from_it_or_from_the_run(tmp_path):
         assert _losses(train(config).run_dir)[1] == pytest.approx(expected, rel=1e-6), name
     assert abs(_losses(first.run_dir)[1] - expected) > 1e-3  # the random init's loss differs
 
-    other = json.load(open(TINY)) | {"intermediate_size": 96}
+    other = _tiny3_dict() | {"intermediate_size": 96}
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(TrainError, match="its params do not fit the model being trained"):
         train(_run_config(tmp_path / "d", "steps=1", f"model.preset={tmp_path / 'other.json'}",
@@ -531,7 +546,7 @@ def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
     only process 0 writes ``metrics.jsonl``. Launched again with more steps, both resume from the shared
     checkpoint and log only the new steps."""
     config = _run_config(tmp_path, "steps=2", "mesh=data=2")
-    base = [f"run_dir={config.run_dir}", f"model.preset={TINY}", f"data.source={config.data.source}",
+    base = [f"run_dir={config.run_dir}", f"model.preset={config.model.preset}", f"data.source={config.data.source}",
             "data.format=npy", "data.extensions=.npy", "data.seq_len=64", "data.batch_size=4",
             "data.eval_documents=2", "checkpoint_every=2", "log_every=1", "mesh=data=2"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
@@ -552,8 +567,8 @@ def test_two_process_cli_run_trains_on_the_global_batch_and_resumes(tmp_path):
     done = f"done: step 2 loss {logged[2]:.4f}"
     assert all(done in o for o in outs), (done, [o[-600:] for o in outs])  # both processes saw the same loss
 
-    params = init_params(SpB2Config.from_json_file(TINY), jax.random.key(config.seed))
-    model_config = SpB2Config.from_json_file(TINY)
+    model_config = SpB2Config.from_json_file(config.model.preset)
+    params = init_params(model_config, jax.random.key(config.seed))
     train_docs, _ = data_lib.documents(config.data, None, model_config.vocab_size, config.seed, None)
     rows = [next(iter(data_lib.batches(train_docs, config.data, 2, config.seed, process_index=i, process_count=2)))
             for i in range(2)]

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -78,9 +79,8 @@ class RunResult:
 def _check_run_dir(run_dir: str) -> None:
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run_dir)  # unique: several processes check at once
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise TrainError(f"run_dir={run_dir!r} is not writable ({e.strerror or e})") from None

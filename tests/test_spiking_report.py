@@ -1,0 +1,39 @@
+"""``python -m spb2_jax.spiking_report`` on the embedded tiny checkpoint: table, JSON, PNGs, the k sweep, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spb2_jax.spiking_report import main
+from tests.helpers import REPO
+
+TEXT = REPO / "spb2_jax" / "train" / "data.py"  # held-out Python source
+
+
+def test_report_writes_its_table_plots_and_sweep(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["--text", str(TEXT), "--max-tokens", "96", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "overall (66 layers, 96 tokens, k = 3.0)" in printed and "energy (45 nm" in printed
+    report = json.loads((out / "report.json").read_text())
+    o = report["overall"]
+    assert 0 < o["bitwise_sparsity"] < 1 and 0 <= o["count_sparsity"] < 1 and o["spike_accumulates"] > 0
+    assert o["energy_pj"]["dense_fp16"] == pytest.approx(o["dense_macs"] * 1.5)
+    assert [s["k"] for s in report["k_sweep"]] == [2.0, 2.5, 3.0, 3.5, 4.0]
+    zeros = [s["count_sparsity"] for s in report["k_sweep"]]
+    assert zeros == sorted(zeros, reverse=True)  # a lower threshold (larger k) leaves fewer zero counts
+    assert (out / "sparsity_per_layer.png").stat().st_size > 0 and (out / "k_sweep.png").stat().st_size > 0
+    assert (out / "report.txt").read_text() == printed
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--k", "0"], "--k 0.0 must be > 0"),
+    (["--layers", "no_such_layer"], "matches none of the checkpoint's 66 coded layers"),
+    (["--checkpoint", "/nonexistent"], "no config.json"),
+])
+def test_report_errors_are_one_line(tmp_path, capsys, args, match):
+    assert main(["--text", str(TEXT), "--max-tokens", "16", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
