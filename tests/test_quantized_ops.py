@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import pytest
 
 from spb2_jax.ops.quantized import (FP8_MAX, fp8_linear, fp8_matmul, group_products, quantize_fp8_activation,
                                     quantize_fp8_weight, quantize_int8_weight, spiking_linear)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config

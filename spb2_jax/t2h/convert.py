@@ -103,6 +103,7 @@ def convert(teacher: SpB2Config, teacher_params: Any, student: SpB2Config, *,
     rows = []
     spec = hf_param_spec(student)
     by_path = {v[0]: k for k, v in spec.items()}
+    teacher_names = {v[0]: k for k, v in hf_param_spec(teacher).items()}
     for path in sorted(fresh):
         source, how = _source(path, student)
         if source is not None and source not in tflat:
@@ -119,14 +120,10 @@ def convert(teacher: SpB2Config, teacher_params: Any, student: SpB2Config, *,
             raise ValueError(f"student {'/'.join(path)} has shape {fresh[path].shape}, its source "
                              f"{'/'.join(source)} gives {value.shape}")
         flat[path] = value
-        src_name = None if source is None else qwen3_name(_hf_name(source, teacher))
+        src_name = None if source is None else qwen3_name(teacher_names[source])
         rows.append(ConversionRow(by_path[path], tuple(spec[by_path[path]][1]), how, src_name))
     rows.sort(key=lambda r: _natural(r.name))
     return traverse_util.unflatten_dict(flat), rows
-
-
-def _hf_name(path: tuple[str, ...], config: SpB2Config) -> str:
-    return {v[0]: k for k, v in hf_param_spec(config).items()}[path]
 
 
 def _natural(name: str):

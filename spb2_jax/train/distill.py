@@ -25,12 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from spb2_jax.config import LayerKind, SpB2Config
+from spb2_jax.loss import _tiles
 from spb2_jax.ops.dtypes import acc_dtype
-
-
-def _tiles(T: int, tile_size: int) -> tuple[int, int]:
-    C = max(1, min(tile_size, T))
-    return C, -(-T // C)
 
 
 def tiled_kl(student_hidden: jax.Array, student_kernel: jax.Array, teacher_hidden: jax.Array,
