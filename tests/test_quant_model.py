@@ -95,6 +95,12 @@ def test_spiking_statistics_are_sown_without_changing_the_output(tiny):
         assert 0 <= s["zero_fraction"] <= 1 and 0 <= s["silent_channel_fraction"] <= s["zero_fraction"] + 1e-6
         assert s["small_count_share"] >= s["zero_fraction"] and s["mean_popcount"] <= s["mean_abs_count"] + 1e-6
         assert 1 <= s["max_abs_count"] <= 127 and s["clip_rate"] >= 0
+    queries = {path[:-1]: v[0] for path, v in traverse_util.flatten_dict(state["intermediates"]).items()
+               if path[-1] == "query_spike_stats"}
+    c = tiny.config
+    assert len(queries) == c.num_hidden_layers  # every softmax attention (full, MoBA, the SWA half of SSE layers)
+    for values in queries.values():
+        assert float(values["numel"]) == 2 * 40 * c.attn.num_heads * c.head_dim
 
 
 def test_count_stats_against_numpy():

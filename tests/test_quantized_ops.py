@@ -14,7 +14,8 @@ import ml_dtypes
 import numpy as np
 
 from spb2_jax.ops.quantized import (FP8_MAX, fp8_linear, fp8_matmul, group_products, quantize_fp8_activation,
-                                    quantize_fp8_weight, quantize_int8_weight, spiking_linear)
+                                    quantize_fp8_weight, quantize_int8_weight, spiking_attention_inputs,
+                                    spiking_linear)
 from spb2_jax.ops.spikes import spike_counts
 
 
@@ -84,3 +85,58 @@ def test_int8_weights_use_the_full_range():
     w_q, _ = quantize_int8_weight(w)
     assert int(jnp.max(jnp.abs(w_q.astype(jnp.int32)))) == 127
     assert ml_dtypes.finfo(jnp.float8_e4m3fn).max == FP8_MAX
+
+
+def test_spiking_attention_operands_against_float64():
+    """Queries: counts ``round(q / V_th)`` (half to even, clipped at +-127) with ``V_th = mean|q| / k`` over the head
+    dimension per token and head; keys / values: symmetric INT8 per token and head (``amax / 127``). The score of the
+    coded operands is ``V_th s_k (n_q . k_q)`` (an exact integer dot) up to float32 rounding."""
+    rng = np.random.default_rng(7)
+    B, T, N, K, H = 2, 5, 4, 2, 64  # one dominant entry counts up to k H = 192: it clips
+    q = rng.standard_t(3, size=(B, T, N, H)).astype(np.float32)
+    k = rng.normal(size=(B, T, K, H)).astype(np.float32)
+    v = rng.normal(size=(B, T, K, H)).astype(np.float32)
+    q[0, 0, 0] = 0.0  # an all-zero query row: threshold clamped at 1e-5, counts 0
+    q[0, 1, 0, 0] = 1e3  # one huge entry: its count clips at 127
+    k[1, 2, 1] = 0.0  # an all-zero key row: scale 1, codes 0
+    cq, ck, cv, (n, v_th) = spiking_attention_inputs(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), 3.0)
+    th = np.clip(np.abs(q.astype(np.float64)).mean(-1, keepdims=True) / 3.0, 1e-5, 1e4)
+    n64 = np.clip(np.round(q / th), -127, 127)
+    np.testing.assert_allclose(np.asarray(v_th), th, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(n, np.int64), n64)
+    assert n64[0, 1, 0, 0] == 127 and not n64[0, 0, 0].any()
+    for x, coded in ((k, ck), (v, cv)):
+        amax = np.abs(x.astype(np.float64)).max(-1, keepdims=True)
+        s = np.where(amax > 0, amax / 127, 1.0)
+        codes = np.round(x / s)
+        np.testing.assert_allclose(np.asarray(coded, np.float64), codes * s, rtol=1e-6, atol=0)
+        assert np.abs(codes).max() == 127
+    s_k = np.abs(k.astype(np.float64)).max(-1) / 127
+    kc = np.round(k / np.where(s_k > 0, s_k, 1.0)[..., None])
+    exact = np.einsum("btnh,bsnh->bnts", n64, np.repeat(kc, N // K, axis=2))  # integer dots, exact in float64
+    want = exact * th[..., 0].transpose(0, 2, 1)[..., None] * np.repeat(s_k, N // K, axis=2).transpose(0, 2, 1)[:, :, None]
+    got = np.einsum("btnh,bsnh->bnts", np.asarray(cq, np.float64), np.repeat(np.asarray(ck, np.float64), N // K, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_fp8_linear_equals_qwix_ptq():
+    """google/qwix (an independent FP8 implementation: per-channel absmax weights, per-token dynamic activations)
+    quantises a Flax Dense to the same e4m3 codes and scales, and its output equals ``fp8_linear`` up to the order of
+    the two scale multiplications (float32 rounding)."""
+    import flax.linen as nn
+    import qwix
+
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(3, 7, 72)) * rng.uniform(0.1, 20, (3, 7, 1)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(72, 40)) * 0.05, jnp.float32)
+    dense = nn.Dense(40, use_bias=False)
+    rule = qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.float8_e4m3fn, act_qtype=jnp.float8_e4m3fn)
+    qdense = qwix.quantize_model(dense, qwix.PtqProvider([rule]))
+    qparams = qwix.quantize_params({"kernel": w}, jax.eval_shape(qdense.init, jax.random.key(0), x)["params"])
+    theirs = qdense.apply({"params": qparams}, x)
+    w_q, s_w = quantize_fp8_weight(w)
+    ours = fp8_linear(x, w_q, s_w)
+    their_w = qparams["kernel"].array
+    np.testing.assert_array_equal(np.asarray(their_w.qvalue, np.float32).T, np.asarray(w_q, np.float32))
+    np.testing.assert_array_equal(np.asarray(their_w.scale).reshape(-1), np.asarray(s_w))
+    np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=0, atol=4e-7 * float(jnp.max(jnp.abs(ours))))

@@ -14,7 +14,7 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.cache import CacheStep, KVCache
-from spb2_jax.layers.common import RMSNorm, dense
+from spb2_jax.layers.common import RMSNorm, code_attention_inputs, dense
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import (causal_slot_mask, moba_gathered_attention, moba_slot_mask,
                                            tiled_attention)
@@ -56,6 +56,7 @@ class AttentionMixer(nn.Module):
             k = RMSNorm(name="k_norm", **norm_kw)(k)
         q = apply_rope(q, segments.positions, a.rope_theta)
         k = apply_rope(k, segments.positions, a.rope_theta)
+        q, k, v = code_attention_inputs(self, q, k, v, o.coding, o.spike_k)
         q, k, v = rules.constrain(q, rules.HEADS), rules.constrain(k, rules.KV), rules.constrain(v, rules.KV)
         if self.kind not in (LayerKind.FULL, LayerKind.MOBA):
             raise ValueError(f"AttentionMixer kind={self.kind!r} must be {LayerKind.FULL!r} or {LayerKind.MOBA!r}")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spb2_jax.ops.norms import gated_rms_norm, rms_norm
-from spb2_jax.ops.quantized import FP8, GROUP, fp8_linear, spiking_from_counts
+from spb2_jax.ops.quantized import FP8, GROUP, fp8_linear, spiking_attention_inputs, spiking_from_counts
 from spb2_jax.ops.spikes import count_stats, spike_counts
 from spb2_jax.parallel import rules
 
@@ -62,6 +62,19 @@ def dense(features: int, name: str, cfg_init_std: float, *, axes: tuple[str, str
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=partitioned(nn.initializers.normal(cfg_init_std), *axes),
                     bias_init=partitioned(nn.initializers.zeros, axes[1]))
+
+
+def code_attention_inputs(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array, coding: str,
+                          spike_k: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax-attention operands under ``coding``: unchanged unless ``"int8_spiking"``, where the queries are
+    spiked per token and head and the keys / values INT8 per token and head
+    (``spb2_jax.ops.quantized.spiking_attention_inputs``); ``module`` sows the query counts' statistics as
+    ``intermediates/.../query_spike_stats`` (no output change)."""
+    if coding != "int8_spiking":
+        return q, k, v
+    coded_q, k, v, (n, v_th) = spiking_attention_inputs(q, k, v, spike_k)
+    module.sow("intermediates", "query_spike_stats", count_stats(n, q, v_th))
+    return coded_q, k, v
 
 
 class QuantDense(nn.Module):

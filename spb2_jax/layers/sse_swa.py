@@ -18,7 +18,7 @@ from einops import rearrange
 
 from spb2_jax.config import LayerKind, SpB2Config
 from spb2_jax.layers.cache import CacheStep, SSECache
-from spb2_jax.layers.common import RMSNorm, dense, partitioned
+from spb2_jax.layers.common import RMSNorm, code_attention_inputs, dense, partitioned
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import tiled_attention, window_key_mask
 from spb2_jax.ops.dtypes import acc_dtype
@@ -146,6 +146,7 @@ class SSESWAMixer(nn.Module):
         if a.qk_norm:
             sq, sk = self._norm("swa_q_norm", rules.HEAD_DIM)(sq), self._norm("swa_k_norm", rules.HEAD_DIM)(sk)
         sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
+        sq, sk, sv = code_attention_inputs(self, sq, sk, sv, self.options.coding, self.options.spike_k)
         sq, sk, sv = rules.constrain(sq, rules.HEADS), rules.constrain(sk, rules.KV), rules.constrain(sv, rules.KV)
         if cache is None or step.fresh:
             swa_o = dispatch.window_attention(sq, sk, sv, window=a.window_size, segments=segments,

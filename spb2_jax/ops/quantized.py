@@ -18,7 +18,11 @@ INT8-Spiking (SpikingBrain's scheme; counts in ``spb2_jax.ops.spikes``):
   a last partial group is zero-padded in the product);
 - activations: per token ``V_th = mean(|x|) / k`` and counts ``n = round(x / V_th)`` (int8, clipped at +-127);
 - ``y = V_th * sum_g s_g * (n_g @ w_g)``, each ``n_g @ w_g`` an exact int32 product
-  (``dot_general(int8, int8, preferred_element_type=int32)``), the group sum in float32.
+  (``dot_general(int8, int8, preferred_element_type=int32)``), the group sum in float32;
+- attention (``spiking_attention_inputs``, as SpikingBrain coded its SWA): queries spiked per token and head
+  (``n_q * V_th``, threshold over the head dimension), keys and values symmetric INT8 per token and head
+  (``s = amax / 127``); softmax attention then runs on these values, so ``q . k = V_th s_k (n_q . k_q)`` is the
+  integer product up to float32 rounding, and a cache holds exactly the coded keys and values.
 """
 
 from __future__ import annotations
@@ -93,6 +97,27 @@ def spiking_from_counts(n: jax.Array, v_th: jax.Array, w_q: jax.Array, scale: ja
     prod = group_products(n.reshape(-1, n.shape[-1]), w_q, group).astype(jnp.float32)  # [G, M, F]
     y = jnp.sum(prod * scale[:, None, :], axis=0) * v_th.reshape(-1, 1)  # [M, F]
     return y.reshape(lead + (w_q.shape[1],))
+
+
+def quantize_int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x [..., H]`` -> ``(x_q [..., H] int8, s [..., 1] float32)``: symmetric INT8 per row (``s = amax / 127``)."""
+    x = x.astype(jnp.float32)
+    scale = _scale(jnp.max(jnp.abs(x), axis=-1, keepdims=True), INT8_MAX)
+    return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+
+
+def spiking_attention_inputs(q: jax.Array, k: jax.Array, v: jax.Array, spike_k: float = 3.0):
+    """The INT8-Spiking attention operands (module docstring) for ``q [B, T, N, H]``, ``k, v [B, T, K, H]``:
+    ``(q_coded, k_coded, v_coded, (n_q, v_th))``, each coded operand in its input's dtype; ``n_q`` int8 and
+    ``v_th [B, T, N, 1]`` are the query's counts and thresholds (for statistics)."""
+    n, v_th = spike_counts(q, spike_k)
+    coded_q = (n.astype(jnp.float32) * v_th).astype(q.dtype)
+
+    def rows(x):
+        x_q, s = quantize_int8_rows(x)
+        return (x_q.astype(jnp.float32) * s).astype(x.dtype)
+
+    return coded_q, rows(k), rows(v), (n, v_th)
 
 
 def spiking_linear(x: jax.Array, w_q: jax.Array, scale: jax.Array, k: float = 3.0,
