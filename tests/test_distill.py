@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tokenizers import Tokenizer
+
+import spb2_jax
 from spb2_jax.checkpoint import load_hf
 from spb2_jax.config import SpB2Config
 from spb2_jax.model import SpB2ForCausalLM, init_params
+from spb2_jax.train.data import TINY_TOKENIZER
 from spb2_jax.options import resolve_options
 from spb2_jax.t2h import new_param_mask
 from spb2_jax.t2h.__main__ import run as t2h_run
@@ -170,6 +174,9 @@ def test_stages_chain_alignment_then_kd_with_a_fresh_optimizer(tmp_path):
                                      "distill.kl_weight=0", "distill.align_weight=1",
                                      "distill.train_only_new=true", *common]), export_hf=str(tmp_path / "aligned"))
     _, before = load_hf(converted, progress=False)
+    text = "def f(x):\n    return x"  # the run's tokenizer (here the tiny BPE: the fixture has none) is exported
+    assert spb2_jax.load_pretrained(tmp_path / "aligned").encode(text) == Tokenizer.from_file(
+        TINY_TOKENIZER).encode(text, add_special_tokens=False).ids
     mask = new_param_mask(SpB2Config.from_pretrained(converted))
     for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(align.state.params), jax.tree.leaves(before)):
         assert np.array_equal(np.asarray(a), np.asarray(b)) != m  # new ones moved, copied ones did not

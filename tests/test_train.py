@@ -519,6 +519,7 @@ def test_export_hf_then_init_from_it_or_from_the_run(tmp_path):
         {"params": trained}, ids).logits)
     # the handle jits the forward, the reference runs op by op: float32 reassociation only
     np.testing.assert_allclose(np.asarray(exported(ids).logits), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert not (export / "tokenizer.json").exists()  # pre-tokenised documents: no tokenizer to export
 
     expected = _first_batch_loss(first, trained)
     for name, source in (("b", export), ("c", first.run_dir)):

@@ -31,6 +31,7 @@ from flax import traverse_util
 from spb2_jax.model import SpB2ForCausalLM
 from spb2_jax.ops.quantized import GROUP
 from spb2_jax.options import resolve_options
+from spb2_jax.quant.accuracy import agreement, mean_nll
 from spb2_jax.quant.quantize import quantize, quantized_layers
 
 ENERGY_PJ = {"fp16_mac": 1.5, "int8_mac": 0.23, "int8_add": 0.03}
@@ -84,18 +85,6 @@ def _layer_stats(name: str, raw: dict, d_in: int, d_out: int) -> LayerStats:
                       s["mean_popcount"], s["mean_popcount"] / t_bitwise)
 
 
-def _nll(logits: jax.Array, ids: jax.Array) -> float:
-    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
-    return float(-jnp.mean(jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)))
-
-
-def _agreement(ref: jax.Array, out: jax.Array) -> tuple[float, float]:
-    """``(top-1 agreement, mean KL(ref || out))`` per token."""
-    lr, lo = jax.nn.log_softmax(ref.astype(jnp.float32), -1), jax.nn.log_softmax(out.astype(jnp.float32), -1)
-    kl = jnp.mean(jnp.sum(jnp.exp(lr) * (lr - lo), axis=-1))
-    return float(jnp.mean(jnp.argmax(ref, -1) == jnp.argmax(out, -1))), float(kl)
-
-
 def select_layers(params: Any, layers: str | None) -> list[str]:
     """The coded layer paths (``model/layers_0/attn/q_proj``...) of a param tree (or its abstract shapes) that the
     regex ``layers`` selects (all for None); ``ValueError`` when it selects none."""
@@ -116,7 +105,7 @@ def spiking_report(config, params, ids: np.ndarray, *, k: float = 3.0, layers: s
     chosen = select_layers(params, layers)
     ids = jnp.asarray(ids, jnp.int32)
     ref = jax.jit(lambda p, i: SpB2ForCausalLM(config).apply({"params": p}, i).logits)(params, ids)
-    nll_ref = _nll(ref, ids)
+    nll_ref = mean_nll(ref, ids)
     qparams = quantize(params, config, "int8_spiking")
     flat = traverse_util.flatten_dict(params)
 
@@ -132,21 +121,21 @@ def spiking_report(config, params, ids: np.ndarray, *, k: float = 3.0, layers: s
     for name in chosen:
         kernel = flat[tuple(name.split("/")) + ("kernel",)]
         rows.append(_layer_stats(name, stats[name], int(kernel.shape[0]), int(kernel.shape[1])))
-    top1, kl = _agreement(ref, logits)
+    top1, kl = agreement(ref, logits)
     sweep_rows = []
     for kk in sweep:
         lk, sk = (logits, stats) if kk == k else coded_run(kk)
         numel = sum(float(np.asarray(sk[n]["numel"])) for n in chosen)
         rate = sum(float(np.asarray(sk[n]["numel"])) * _layer_stats(n, sk[n], 1, 1).bitwise_rate for n in chosen)
         zero = sum(float(np.asarray(sk[n]["numel"])) * float(np.asarray(sk[n]["zero_fraction"])) for n in chosen)
-        t1, klk = _agreement(ref, lk)
+        t1, klk = agreement(ref, lk)
         sweep_rows.append({"k": kk, "bitwise_sparsity": 1 - rate / numel, "count_sparsity": zero / numel,
-                           "ppl": math.exp(_nll(lk, ids)), "top1": t1, "kl": klk})
+                           "ppl": math.exp(mean_nll(lk, ids)), "top1": t1, "kl": klk})
     total = lambda f: sum(f(r) for r in rows)  # noqa: E731
     numel = total(lambda r: r.numel)
     overall = {
         "tokens": int(ids.shape[1]), "k": k, "layers": len(rows), "ppl_float32": math.exp(nll_ref),
-        "ppl_spiking": math.exp(_nll(logits, ids)), "top1_agreement": top1, "kl_to_float32": kl,
+        "ppl_spiking": math.exp(mean_nll(logits, ids)), "top1_agreement": top1, "kl_to_float32": kl,
         "count_sparsity": total(lambda r: r.numel * r.count_sparsity) / numel,
         "bitwise_firing_rate": total(lambda r: r.numel * r.bitwise_rate) / numel,
         "bitwise_spikes_per_activation": total(lambda r: r.numel * r.bitwise_spikes) / numel,

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="training config YAML (configs/train/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. steps=100 optimizer.lr=3e-4")
     parser.add_argument("--init-from", help="load params only from an HF checkpoint or a run directory")
-    parser.add_argument("--export-hf", help="after the last step, write an HF safetensors checkpoint here")
+    parser.add_argument("--export-hf", help="after the last step, write an HF safetensors checkpoint (and the run's "
+                        "tokenizer.json) here")
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: process 0's address (every process)")
     parser.add_argument("--num-processes", type=int, help="multi-host: how many processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")

@@ -318,6 +318,8 @@ def train(config: TrainConfig, *, export_hf: str | None = None) -> RunResult:
                     f.write("\n\n----\n".join(samples) + "\n")
             if export_hf:
                 save_hf(model_config, host, export_hf, progress=False)
+                if tokenizer is not None:  # the export reads text like the run did
+                    tokenizer.save(os.path.join(export_hf, "tokenizer.json"))
     return RunResult(state, metrics, config.run_dir, resumed_from, stop["signal"], samples)
 
 
