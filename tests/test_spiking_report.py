@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import matplotlib
 import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 from spb2_jax.spiking_report import main
 from tests.helpers import REPO
@@ -24,7 +28,9 @@ def test_report_writes_its_table_plots_and_sweep(tmp_path, capsys):
     assert [s["k"] for s in report["k_sweep"]] == [2.0, 2.5, 3.0, 3.5, 4.0]
     zeros = [s["count_sparsity"] for s in report["k_sweep"]]
     assert zeros == sorted(zeros, reverse=True)  # a lower threshold (larger k) leaves fewer zero counts
-    assert (out / "sparsity_per_layer.png").stat().st_size > 0 and (out / "k_sweep.png").stat().st_size > 0
+    for name, min_width in (("sparsity_per_layer.png", 600), ("k_sweep.png", 1000)):
+        image = plt.imread(out / name)  # a real picture: its size, and more than one colour in it
+        assert image.shape[1] >= min_width and image.shape[0] >= 400 and image[..., :3].std() > 0.05, name
     assert (out / "report.txt").read_text() == printed
 
 
