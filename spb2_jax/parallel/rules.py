@@ -24,6 +24,8 @@ name            what                                                           m
 ``partitions``  SSE router outputs (P partitions)                              replicated
 ``gate_heads``  per-head GDN gates / decays (2 N: shared + sparse branch)      replicated
 ``norm``        RMSNorm scales over D                                          replicated
+``vision_embed`` the vision tower's width (VL models)                         replicated
+``vision_mlp``  the vision blocks' MLP width                                   replicated
 ==============  =============================================================  ==========
 
 Activation axes: ``act_batch`` (data, fsdp), ``act_seq`` (sequence), ``act_embed`` (replicated),
@@ -68,6 +70,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 # parameter axes
 VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS = "vocab", "embed", "mlp", "q_heads", "kv_heads"
 HEAD_DIM, LOW_RANK, PARTITIONS, GATE_HEADS, NORM = "head_dim", "low_rank", "partitions", "gate_heads", "norm"
+VISION_EMBED, VISION_MLP = "vision_embed", "vision_mlp"
 # activation axes
 ACT_BATCH, ACT_SEQ, ACT_EMBED = "act_batch", "act_seq", "act_embed"
 ACT_HEADS, ACT_KV_HEADS, ACT_HEAD_DIM = "act_heads", "act_kv_heads", "act_head_dim"
@@ -83,6 +86,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (PARTITIONS, None),
     (GATE_HEADS, None),
     (NORM, None),
+    (VISION_EMBED, None),  # the vision tower is small next to the text stack: replicated
+    (VISION_MLP, None),
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_SEQ, "sequence"),
     (ACT_EMBED, None),
