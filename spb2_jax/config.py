@@ -107,6 +107,7 @@ class SpB2Config:
     aux_loss_coef: float = 0.01
     swa_dropout: float = 0.5
     max_position_embeddings: int = 2048
+    mrope_section: tuple[int, ...] | None = None  # VL text stacks: interleaved M-RoPE (t, h, w) frequency counts
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     pad_token_id: int | None = None
@@ -159,6 +160,8 @@ class SpB2Config:
             raise ValueError("attn is required: SpikingBrain2.0 configs always have an `attn` sub-dict")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "attn"}
         kw: dict[str, Any] = {k: d[k] for k in names if k in d}
+        if isinstance(kw.get("mrope_section"), list):
+            kw["mrope_section"] = tuple(kw["mrope_section"])
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = tuple(kw["eos_token_id"])
         if "dtype" not in kw and "torch_dtype" in d:
@@ -191,6 +194,10 @@ class SpB2Config:
                 continue
             d[f.name] = getattr(self, f.name)
         d["attn"] = self.attn.to_dict()
+        if d["mrope_section"] is None:
+            del d["mrope_section"]  # text checkpoints never had the key
+        else:
+            d["mrope_section"] = list(d["mrope_section"])
         if isinstance(d["eos_token_id"], tuple):
             d["eos_token_id"] = list(d["eos_token_id"])
         d["model_type"] = MODEL_TYPE
@@ -220,6 +227,12 @@ def _validate(c: SpB2Config) -> None:
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             _fail(name, v, "must be a positive integer")
+    if c.mrope_section is not None:
+        sec = c.mrope_section
+        if (len(sec) != 3 or any(not isinstance(s, int) or s < 0 for s in sec) or sum(sec) != c.head_dim // 2
+                or 3 * max(sec[1], sec[2]) > c.head_dim // 2 + 2):
+            _fail("mrope_section", list(sec), f"must be 3 non-negative (t, h, w) frequency counts summing to "
+                  f"head_dim / 2 = {c.head_dim // 2}")
     for name in ("num_heads", "num_kv_heads", "moba_chunk_size", "moba_topk"):
         v = getattr(a, name)
         if v is None and name == "num_kv_heads":

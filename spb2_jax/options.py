@@ -144,6 +144,8 @@ class ModelOptions:
       official_rope_offset: reproduce the official cache's RoPE offset (+1 in layers >= 1) when decoding.
       coding: activation coding of the linear layers (``CODINGS``); spike_k: the INT8-Spiking threshold divisor
         k; quantize_lm_head: code an untied LM head too.
+      official_qk_bf16: round q and k to bfloat16 after the q / k norms in every softmax attention, as the
+        official VL code does even in float32 (its flash-attention cast); on for VL checkpoints by default.
     """
 
     dtype: Any = jnp.float32
@@ -155,6 +157,7 @@ class ModelOptions:
     coding: str = "none"
     spike_k: float = 3.0
     quantize_lm_head: bool = False
+    official_qk_bf16: bool = False
 
     @property
     def sequence_parallel(self) -> bool:
@@ -200,6 +203,7 @@ def resolve_options(
     coding: str = "none",
     spike_k: float = 3.0,
     quantize_lm_head: bool = False,
+    official_qk_bf16: bool = False,
 ) -> ModelOptions:
     """The one place where the options are decided (module docstring).
 
@@ -218,6 +222,7 @@ def resolve_options(
         (``Kernels.sequence_shards``). The model must then be applied under ``spb2_jax.parallel.use_rules(mesh)``.
       coding, spike_k, quantize_lm_head: activation coding (``"none"``, ``"fp8"``, ``"int8_spiking"``; params from
         ``spb2_jax.quant.quantize``), the spiking threshold divisor, whether an untied LM head is coded.
+      official_qk_bf16: the official VL model's bf16 rounding of q / k after their norms (``ModelOptions``).
     """
     del config
     shards = 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
@@ -228,7 +233,8 @@ def resolve_options(
                               chunk_size=chunk_size, sequence_shards=shards)
     opts = ModelOptions(dtype=dtype, param_dtype=param_dtype, kernels=kernels, remat=remat,
                         moba_decode=moba_decode, official_rope_offset=bool(official_rope_offset), coding=coding,
-                        spike_k=float(spike_k), quantize_lm_head=bool(quantize_lm_head))
+                        spike_k=float(spike_k), quantize_lm_head=bool(quantize_lm_head),
+                        official_qk_bf16=bool(official_qk_bf16))
     _validate(opts)
     return opts
 

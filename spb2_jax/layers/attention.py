@@ -18,7 +18,8 @@ from spb2_jax.layers.common import RMSNorm, code_attention_inputs, dense
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import (causal_slot_mask, moba_gathered_attention, moba_slot_mask,
                                            tiled_attention)
-from spb2_jax.ops.rope import apply_rope
+from spb2_jax.ops.dtypes import round_bf16
+from spb2_jax.ops.rope import rotate
 from spb2_jax.ops.segments import Segments
 from spb2_jax.options import ModelOptions
 from spb2_jax.parallel import rules, sequence
@@ -54,8 +55,10 @@ class AttentionMixer(nn.Module):
             norm_kw = dict(eps=c.norm_eps, dtype=o.dtype, param_dtype=o.param_dtype, axis_name=rules.HEAD_DIM)
             q = RMSNorm(name="q_norm", **norm_kw)(q)
             k = RMSNorm(name="k_norm", **norm_kw)(k)
-        q = apply_rope(q, segments.positions, a.rope_theta)
-        k = apply_rope(k, segments.positions, a.rope_theta)
+        if o.official_qk_bf16:  # the official VL code's cast (module docstring)
+            q, k = round_bf16(q), round_bf16(k)
+        q = rotate(q, segments, a.rope_theta, c.mrope_section)
+        k = rotate(k, segments, a.rope_theta, c.mrope_section)
         q, k, v = code_attention_inputs(self, q, k, v, o.coding, o.spike_k)
         q, k, v = rules.constrain(q, rules.HEADS), rules.constrain(k, rules.KV), rules.constrain(v, rules.KV)
         if self.kind not in (LayerKind.FULL, LayerKind.MOBA):

@@ -21,8 +21,8 @@ from spb2_jax.layers.cache import CacheStep, SSECache
 from spb2_jax.layers.common import RMSNorm, code_attention_inputs, dense, partitioned
 from spb2_jax.ops import dispatch
 from spb2_jax.ops.cached_attention import tiled_attention, window_key_mask
-from spb2_jax.ops.dtypes import acc_dtype
-from spb2_jax.ops.rope import apply_rope
+from spb2_jax.ops.dtypes import acc_dtype, round_bf16
+from spb2_jax.ops.rope import rotate
 from spb2_jax.ops.segments import Segments
 from spb2_jax.ops.sse import sse_aux_loss, sse_gdn, sse_gla, sse_route
 from spb2_jax.options import Kernels, ModelOptions
@@ -73,7 +73,6 @@ class SSESWAMixer(nn.Module):
                  step: CacheStep | None = None) -> tuple[jax.Array, jax.Array, SSECache | None]:
         c = self.config
         x = rules.constrain(x, rules.HIDDEN)
-        positions = segments.positions
         if self.kind not in (LayerKind.SSE_GDN, LayerKind.SSE_GLA):
             raise ValueError(f"SSESWAMixer kind={self.kind!r} must be an SSE kind")
         is_gla = self.kind == LayerKind.SSE_GLA
@@ -145,7 +144,9 @@ class SSESWAMixer(nn.Module):
         sv = rearrange(self._dense(a.kv_heads * H, "swa_v_proj", kvh, a.qkv_bias)(x), "B T (K H) -> B T K H", H=H)
         if a.qk_norm:
             sq, sk = self._norm("swa_q_norm", rules.HEAD_DIM)(sq), self._norm("swa_k_norm", rules.HEAD_DIM)(sk)
-        sq, sk = apply_rope(sq, positions, a.rope_theta), apply_rope(sk, positions, a.rope_theta)
+        if self.options.official_qk_bf16:  # the official VL code's cast after the q / k norms
+            sq, sk = round_bf16(sq), round_bf16(sk)
+        sq, sk = rotate(sq, segments, a.rope_theta, c.mrope_section), rotate(sk, segments, a.rope_theta, c.mrope_section)
         sq, sk, sv = code_attention_inputs(self, sq, sk, sv, self.options.coding, self.options.spike_k)
         sq, sk, sv = rules.constrain(sq, rules.HEADS), rules.constrain(sk, rules.KV), rules.constrain(sv, rules.KV)
         if cache is None or step.fresh:

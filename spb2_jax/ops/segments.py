@@ -29,11 +29,14 @@ class Segments:
       ids: segment ids as given (0 = padding).
       labels: 0 for padding, k for the k-th segment of the row (1-based, counted from the row start).
       positions: position of every token inside its segment (0 at the segment start; the RoPE position).
+      mrope: None, or ``[B, T, 3] int32`` M-RoPE positions (t, h, w) of a VL prompt, which then replace
+        ``positions`` in the rotary of every attention (``spb2_jax.ops.rope.rotate``).
     """
 
     ids: jax.Array
     labels: jax.Array
     positions: jax.Array
+    mrope: jax.Array | None = None
 
     @classmethod
     def from_ids(cls, segment_ids: jax.Array) -> "Segments":
