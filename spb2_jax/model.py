@@ -82,11 +82,14 @@ class SpB2Model(nn.Module):
         self.layers = [block(c, i, o) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(eps=c.norm_eps, dtype=o.dtype, param_dtype=o.param_dtype)
 
-    def __call__(self, input_ids, segments: Segments, deterministic=True, caches=None, step=None):
+    def __call__(self, input_ids, segments: Segments, deterministic=True, caches=None, step=None, visual=None):
         """Returns ``(final normed hidden, per-block outputs, per-block mixer outputs, aux [L], caches)``.
 
         With ``caches`` (one per layer) and ``step`` (``spb2_jax.layers.cache.CacheStep``) the tokens are added to
-        the caches; the returned ``caches`` are the updated ones (None without).
+        the caches; the returned ``caches`` are the updated ones (None without). ``visual`` (VL models,
+        ``spb2_jax.vl_model``): ``(image_mask [B, T] bool, image_embeds [B, T, D], deepstack [K, B, T, D])``, the
+        image embeddings replace the token embeddings where the mask is set, and ``deepstack[i]`` is added to the
+        output of layer ``i < K`` (the per-block outputs returned are the raw ones, before that add).
         """
         T = input_ids.shape[1]
         shards = self.options.kernels.sequence_shards
@@ -96,7 +99,15 @@ class SpB2Model(nn.Module):
             if step is not None:
                 step = step.replace(valid=pad_time(step.valid, shards, False),
                                     positions=pad_time(step.positions, shards, -1))
-        x = rules.constrain(self.embeddings(input_ids), rules.HIDDEN)  # [B, T, D]
+        x = self.embeddings(input_ids)  # [B, T, D]
+        if visual is not None:
+            mask, image, deep = visual
+            if x.shape[1] != T:  # padded to whole sequence shards above
+                mask, image = pad_time(mask, shards, False), pad_time(image, shards)
+                deep = jnp.swapaxes(pad_time(jnp.swapaxes(deep, 0, 1), shards), 0, 1)
+                visual = (mask, image, deep)
+            x = jnp.where(mask[..., None], image.astype(x.dtype), x)
+        x = rules.constrain(x, rules.HIDDEN)
         hidden, mixed_all, aux_all, new_caches = [x], [], [], []
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
@@ -105,6 +116,8 @@ class SpB2Model(nn.Module):
                 seg_i = segments.replace(positions=segments.positions + step.rope_offset)
             x, mixed, aux, cache = layer(x, seg_i, deterministic, cache, step)
             hidden.append(x)
+            if visual is not None and i < visual[2].shape[0]:
+                x = x + visual[2][i].astype(x.dtype)  # deepstack: zero outside the image tokens
             mixed_all.append(mixed)
             aux_all.append(aux)
             new_caches.append(cache)

@@ -421,7 +421,7 @@ def _to_host(leaf: Any, transposed: bool) -> np.ndarray:
 
 def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
             overwrite: bool = False, progress: bool = True, rename: Callable[[str], str] | None = None,
-            config_json: str | None = None) -> list[str]:
+            config_json: str | None = None, extra: Iterable[tuple[str, Any]] = ()) -> list[str]:
     """Write ``config.json`` and safetensors shards that the official code (``from_pretrained``) loads.
 
     One ``model.safetensors`` when everything fits in ``max_shard_size``, else ``model-0000i-of-0000n.safetensors``
@@ -432,7 +432,8 @@ def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_sha
     at a time.
 
     ``rename`` (SpB2 HF name -> stored name) and ``config_json`` (the text of ``config.json``) write a checkpoint
-    of another family instead (``spb2_jax.checkpoint.qwen3.save_qwen3``).
+    of another family instead (``spb2_jax.checkpoint.qwen3.save_qwen3``); ``extra``: more ``(stored name, array in
+    stored layout)`` tensors written alongside (a VL checkpoint's vision tower, ``spb2_jax.checkpoint.vl``).
 
     Returns the list of files written.
     """
@@ -445,6 +446,9 @@ def save_hf(config: SpB2Config, params: Any, path: str | os.PathLike, *, max_sha
     plan = _export_plan(config, params)
     if rename is not None:
         plan = sorted(((rename(name), leaf, transposed) for name, leaf, transposed in plan), key=lambda t: t[0])
+    plan = sorted(plan + [(name, leaf, False) for name, leaf in extra], key=lambda t: t[0])
+    if len({name for name, _, _ in plan}) != len(plan):
+        raise CheckpointError("two tensors would be written under one name (extra= repeats a model tensor)")
     sizes = {name: int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for name, leaf, _ in plan}
     shards = plan_shards(sizes.items(), max_shard_size)

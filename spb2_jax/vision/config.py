@@ -1,4 +1,4 @@
-"""The vision tower's config (HF ``vision_config`` of an ``spb2_vl`` checkpoint)."""
+"""The vision tower's config (HF ``vision_config`` of an ``spb2_vl`` checkpoint) and the whole VL config."""
 
 from __future__ import annotations
 
@@ -74,3 +74,57 @@ class VisionConfig:
         d["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
         d["model_type"] = "spb2_vl"
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class VLConfig:
+    """An ``spb2_vl`` checkpoint's config: the hybrid text stack (``text``, with ``mrope_section``), the vision
+    tower (``vision``) and the special tokens. ``raw``: the config.json dict it came from (written back on
+    export)."""
+
+    text: Any
+    vision: VisionConfig
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    video_token_id: int | None = None
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"vision_config.out_hidden_size={self.vision.out_hidden_size} != "
+                             f"text_config.hidden_size={self.text.hidden_size}")
+        for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v < self.text.vocab_size:
+                raise ValueError(f"{name}={v!r} must be a token id below vocab_size={self.text.vocab_size}")
+
+    @property
+    def num_deepstack(self) -> int:
+        return len(self.vision.deepstack_visual_indexes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VLConfig":
+        """From a VL ``config.json`` dict (``model_type == "spb2_vl"``; errors name the field)."""
+        from spb2_jax.checkpoint.vl import vl_text_config
+
+        if not isinstance(d.get("vision_config"), Mapping):
+            raise ValueError("vision_config is required in a VL config.json")
+        for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if name not in d:
+                raise ValueError(f"{name} is required in a VL config.json")
+        return cls(text=vl_text_config(d), vision=VisionConfig.from_dict(d["vision_config"]),
+                   image_token_id=d["image_token_id"], vision_start_token_id=d["vision_start_token_id"],
+                   vision_end_token_id=d["vision_end_token_id"], video_token_id=d.get("video_token_id"), raw=dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The VL ``config.json`` dict (the one read, when there was one)."""
+        if self.raw:
+            return dict(self.raw)
+        text = self.text.to_dict()
+        text["model_type"] = "spb2_vl_text"
+        return {"architectures": ["SPB2VLForConditionalGeneration"], "model_type": "spb2_vl",
+                "text_config": text, "vision_config": self.vision.to_dict(),
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+                "tie_word_embeddings": self.text.tie_word_embeddings}
