@@ -17,6 +17,8 @@ import jax
 import numpy as np
 
 from spb2_jax.checkpoint.auto import config_of, load_checkpoint
+from spb2_jax.checkpoint.qwen3 import checkpoint_model_type
+from spb2_jax.checkpoint.vl import VL_MODEL_TYPE
 from spb2_jax.config import SpB2Config
 from spb2_jax.generate.loop import generate as generate_ids
 from spb2_jax.generate.tokenizer import load_tokenizer
@@ -162,7 +164,9 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     Args:
       path: directory with ``config.json`` and the safetensors (sharded or not) and, optionally,
         ``tokenizer.json``. None: the tiny official-format model embedded in the package. A Qwen3 checkpoint
-        (``model_type == "qwen3"``) loads as the equal all-full-attention model (``load_qwen3``).
+        (``model_type == "qwen3"``) loads as the equal all-full-attention model (``load_qwen3``); a SpB2.0-VL
+        checkpoint (``model_type == "spb2_vl"``) returns a ``spb2_jax.vl_api.VLModel`` (its option
+        ``official_qk_bf16=False`` selects the pure-float32 mode).
       dtype: compute dtype, also the dtype the weights are loaded in (``"bfloat16"`` for the 5B); default
         float32.
       impl: ``"xla"`` (default), ``"pallas"`` or ``"reference"`` (``spb2_jax.options``).
@@ -174,6 +178,11 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
       option_kwargs: more ``resolve_options`` arguments (``remat``, ``moba_decode``, ``block_size``...).
     """
     path = EMBEDDED_TINY if path is None else os.fspath(path)
+    if os.path.isdir(path) and checkpoint_model_type(path) == VL_MODEL_TYPE:  # SpB2.0-VL: spb2_jax.vl_api
+        from spb2_jax.vl_api import load_vl_pretrained
+
+        return load_vl_pretrained(path, dtype=dtype, impl=impl, options=options, strict=strict, mesh=mesh,
+                                  **option_kwargs)
     if options is not None and (dtype is not None or impl is not None or option_kwargs):
         raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
     config = config_of(path)

@@ -27,6 +27,7 @@ import numpy as np
 
 from spb2_jax.layers.common import dense
 from spb2_jax.model import SpB2Model, build_segments, causal_lm_loss
+from spb2_jax.ops.segments import Segments
 from spb2_jax.options import ModelOptions, resolve_options
 from spb2_jax.parallel import rules
 from spb2_jax.vision import positions
@@ -144,7 +145,7 @@ class SpB2VLForConditionalGeneration(nn.Module):
             mask = input_ids == c.image_token_id
             visual = (mask, scatter_images(mask, image), scatter_images(mask, deep))
         normed, hidden, mixed, aux, _ = self.model(input_ids, segments, deterministic, visual=visual)
-        logits = self.model.attend(normed) if c.text.tie_word_embeddings else self.lm_head(normed)
+        logits = self.head(normed)
         layer_inputs = None
         if output_hidden_states:
             layer_inputs = [hidden[0]]
@@ -155,6 +156,35 @@ class SpB2VLForConditionalGeneration(nn.Module):
                         layer_outputs=tuple(hidden[1:]) if output_hidden_states else None,
                         mixer_outputs=tuple(mixed) if output_hidden_states else None,
                         image_embeds=image, deepstack_embeds=deep, vision_hidden_states=vis_hidden)
+
+
+    def head(self, normed: jax.Array) -> jax.Array:
+        return self.model.attend(normed) if self.config.text.tie_word_embeddings else self.lm_head(normed)
+
+    def extend(self, input_ids, caches, step, all_logits: bool = True, *, pixel_values=None,
+               vision: VisionInputs | None = None, mrope=None, mrope_delta=None):
+        """Add ``input_ids [B, T]`` to the decoding caches (``spb2_jax.generate.vl``). M-RoPE positions: ``mrope
+        [B, T, 3]`` (a prompt, from ``prepare_vl_inputs``), or text tokens at ``step.positions + mrope_delta [B]``
+        in all three channels (decoding after a prompt whose image blocks compressed the positions). Images
+        (``pixel_values``, ``vision``) are merged as in the forward. Returns ``(logits, caches)``."""
+        seg = step.valid.astype(jnp.int32)
+        positions = jnp.maximum(step.positions, 0)
+        if mrope is None and mrope_delta is not None:
+            mrope = jnp.repeat((positions + mrope_delta[:, None])[..., None], 3, axis=-1)
+        segments = Segments(ids=seg, labels=seg, positions=positions,
+                            mrope=None if mrope is None else jnp.asarray(mrope, jnp.int32))
+        visual = None
+        if pixel_values is not None:
+            image, deep, _ = self.visual(pixel_values, vision.pos_index, vision.pos_weight, vision.angles,
+                                         vision.frames)
+            mask = input_ids == self.config.image_token_id
+            visual = (mask, scatter_images(mask, image), scatter_images(mask, deep))
+        normed, _, _, _, caches = self.model(input_ids, segments, True, caches, step, visual=visual)
+        if not all_logits:
+            T = input_ids.shape[1]
+            last = jnp.max(jnp.where(step.valid, jnp.arange(T), 0), axis=1)  # [B]
+            normed = jnp.take_along_axis(normed, last[:, None, None], axis=1)
+        return self.head(normed), caches
 
 
 def vl_loss(out: VLOutput, labels: jax.Array, config: VLConfig) -> dict[str, jax.Array]:

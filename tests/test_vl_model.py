@@ -197,3 +197,19 @@ def test_inputs_that_do_not_fit_together_give_one_clear_error(vl):
     for kw, match in cases:
         with pytest.raises(ValueError, match=match.replace("|", r"\|")):
             prepare_vl_inputs(config, kw.pop("input_ids"), mask, **kw)
+
+
+def test_load_pretrained_returns_a_vl_handle():
+    """``spb2_jax.load_pretrained`` recognises ``model_type == "spb2_vl"``: the handle runs with the official bf16
+    q/k rounding by default; ``official_qk_bf16=False`` is the pure-float32 model (``logits_nobf16``)."""
+    import spb2_jax
+
+    i, o = np.load(VL / "inputs.npz"), np.load(VL / "outputs.npz")
+    assert spb2_jax.load_pretrained(VL).options.official_qk_bf16
+    model = spb2_jax.load_pretrained(VL, official_qk_bf16=False)
+    assert isinstance(model, spb2_jax.VLModel)
+    out = model(i["input_ids"], i["attention_mask"], pixel_values=i["pixel_values"],
+                image_grid_thw=i["image_grid_thw"])
+    np.testing.assert_allclose(np.asarray(out.logits)[0], o["logits_nobf16"][0], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="outside"):
+        model(np.asarray([[1, 400]]))

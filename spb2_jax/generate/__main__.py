@@ -1,5 +1,9 @@
 """Generate text from a checkpoint: ``python -m spb2_jax.generate --checkpoint DIR --prompt "..." [--chat]``.
 
+A SpB2.0-VL checkpoint (``model_type == "spb2_vl"``) takes ``--image PATH`` (repeatable): the images are resized by
+the Qwen-VL rule, put before the prompt text as the official example does, prefilled once, and the answer is
+decoded over the caches (``spb2_jax.generate.vl``).
+
 Loads ``config.json`` + safetensors + ``tokenizer.json`` from DIR (default: the tiny demo model shipped with the
 package), compiles prefill and one decode step ahead of time, then prefills the prompt and decodes token by token,
 printing the text as it is produced. Ends with the compile time and the prefill and decode throughput (stderr).
@@ -62,7 +66,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--official-rope-offset", action="store_true",
                    help="reproduce the official cache's RoPE quirk in decode steps (layers >= 1 rotate the new token "
                         "at position + 1); with --moba-decode dense: the official cached decode")
+    p.add_argument("--image", action="append", default=[], help="an image file (VL checkpoints; repeatable)")
+    p.add_argument("--max-pixels", type=int, default=16 * 16 * 4 * 1280,
+                   help="VL: resize images above this many pixels (Qwen-VL rule; default %(default)s)")
+    p.add_argument("--float32-qk", action="store_true",
+                   help="VL: skip the official bf16 rounding of q / k (the pure-float32 model)")
     return p
+
+
+def _main_vl(args, out) -> dict[str, Any]:
+    """The VL path of ``main``: images + prompt -> prefill -> cached decode."""
+    from spb2_jax.checkpoint.vl import load_vl
+    from spb2_jax.generate.vl import generate_vl
+    from spb2_jax.vision.preprocess import patchify_images
+    from spb2_jax.vision.prompt import encode_vl_prompt
+
+    dtype = DTYPES[args.dtype]
+    tokenizer = load_tokenizer(args.checkpoint)
+    config, params = load_vl(args.checkpoint, dtype=dtype)
+    options = resolve_options(config.text, dtype=dtype, impl=args.impl, official_qk_bf16=not args.float32_qk)
+    pixels, grids = None, np.zeros((0, 3), np.int64)
+    if args.image:
+        v = config.vision
+        pixels, grids = patchify_images(args.image, v, resize=True, max_pixels=args.max_pixels,
+                                        min_pixels=(v.patch_size * v.spatial_merge_size) ** 2)
+    prompt = encode_vl_prompt(tokenizer, args.prompt, grids, config, chat=args.chat, system=args.system)
+    check_token_ids(prompt, config.text.vocab_size, "the tokenized prompt (tokenizer.json vs config.json)")
+    stops = stop_token_ids(tokenizer, config.text, chat=args.chat)
+    print(f"[{len(prompt)} prompt tokens, {len(args.image)} images {grids.tolist()}, backend "
+          f"{jax.default_backend()}, {args.dtype}]", file=sys.stderr)
+    t0 = time.perf_counter()
+    tokens = generate_vl(params, config, np.asarray([prompt]), pixel_values=pixels,
+                         image_grid_thw=grids if args.image else None, options=options,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop_tokens=stops)[0]
+    seconds = time.perf_counter() - t0
+    out.write(tokenizer.decode(tokens, skip_special_tokens=True) + "\n")
+    print(f"generated {len(tokens)} tokens in {seconds:.2f} s (compilation included)", file=sys.stderr)
+    return dict(tokens=tokens, prompt_tokens=len(prompt), seconds=seconds)
 
 
 def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
@@ -80,6 +121,13 @@ def main(argv: list[str] | None = None, out=None) -> dict[str, Any]:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
+    from spb2_jax.checkpoint.qwen3 import checkpoint_model_type
+    from spb2_jax.checkpoint.vl import VL_MODEL_TYPE
+
+    if checkpoint_model_type(args.checkpoint) == VL_MODEL_TYPE:
+        return _main_vl(args, out)
+    if args.image:
+        parser.error(f"--image needs a VL checkpoint ({args.checkpoint} is a text model)")
     dtype = DTYPES[args.dtype]
     tokenizer = load_tokenizer(args.checkpoint)
     config, params = load_hf(args.checkpoint, dtype=dtype)

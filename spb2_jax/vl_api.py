@@ -1,0 +1,91 @@
+"""The notebook API of SpB2.0-VL: ``model = spb2.load_pretrained(vl_dir)`` returns a ``VLModel``;
+``model(input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None)`` runs the forward
+(``spb2_jax.vl_model``) with the host-side positions computed for you."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from spb2_jax.checkpoint.vl import load_vl
+from spb2_jax.options import ModelOptions, resolve_options
+from spb2_jax.vision.config import VLConfig
+from spb2_jax.vl_model import SpB2VLForConditionalGeneration, VLOutput, prepare_vl_inputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VLModel:
+    """A loaded VL model: ``config`` (``VLConfig``), ``options``, ``params`` (``visual`` + ``model``) and the
+    checkpoint's ``tokenizer`` (or None)."""
+
+    config: VLConfig
+    options: ModelOptions
+    params: Any
+    tokenizer: Any = None
+
+    @property
+    def module(self) -> SpB2VLForConditionalGeneration:
+        return SpB2VLForConditionalGeneration(self.config, self.options)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, *, pixel_values: Any = None,
+                 image_grid_thw: Any = None, output_hidden_states: bool = False) -> VLOutput:
+        """Forward pass (compiled once per shape): ``input_ids [B, T]`` whose ``<|image_pad|>`` runs match
+        ``image_grid_thw [n, 3]`` (one run of ``t h w / 4`` tokens per image, in row order) and ``pixel_values``
+        (``spb2_jax.vision.patchify_images``) -> ``VLOutput`` (``.logits [B, T, V]``). ``attention_mask``: HF
+        left padding (0 = pad)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integer token ids [batch, time], got shape {ids.shape}")
+        vocab = self.config.text.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside [0, vocab_size={vocab})")
+        mask = None if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        prep = prepare_vl_inputs(self.config, ids, mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)
+        return _apply(self.params, ids.astype(np.int32), mask, pixels, prep["vision"], prep["mrope"],
+                      config=self.config, options=self.options, output_hidden_states=output_hidden_states)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (needs the checkpoint's tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "output_hidden_states"))
+def _apply(params, ids, mask, pixels, vision, mrope, *, config, options, output_hidden_states):
+    return SpB2VLForConditionalGeneration(config, options).apply(
+        {"params": params}, ids, mask, pixel_values=pixels, vision=vision, mrope=mrope,
+        output_hidden_states=output_hidden_states)
+
+
+def load_vl_pretrained(path: str | os.PathLike, *, dtype: Any = None, impl: str | None = None,
+                       options: ModelOptions | None = None, strict: bool = True, mesh: Any = None,
+                       official_qk_bf16: bool = True, **option_kwargs) -> VLModel:
+    """``load_pretrained`` for ``model_type == "spb2_vl"``: ``official_qk_bf16`` (default on, how the released
+    model runs) rounds q / k to bf16 after their norms; off gives the pure-float32 model."""
+    from spb2_jax.generate.tokenizer import load_tokenizer
+
+    if mesh is not None:
+        raise ValueError("mesh= is not supported for VL checkpoints yet: load without a mesh")
+    if options is not None and (dtype is not None or impl is not None or option_kwargs):
+        raise ValueError("pass either options= or dtype= / impl= / option keywords, not both")
+    path = os.fspath(path)
+    config, params = load_vl(path, dtype=None if options is None and dtype is None else
+                             (options.dtype if options is not None else dtype), strict=strict)
+    if options is None:
+        options = resolve_options(config.text, dtype=dtype, impl=impl, official_qk_bf16=official_qk_bf16,
+                                  **option_kwargs)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return VLModel(config=config, options=options, params=params,
+                   tokenizer=load_tokenizer(path) if has_tokenizer else None)
