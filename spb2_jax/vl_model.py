@@ -191,3 +191,22 @@ def vl_loss(out: VLOutput, labels: jax.Array, config: VLConfig) -> dict[str, jax
     """The official loss (``spb2_jax.model.causal_lm_loss``: CE over ``labels[:, 1:] != -100`` plus
     ``aux_loss_coef * sum(aux_losses)``)."""
     return causal_lm_loss(out.logits, labels, out.aux_losses, config.text.aux_loss_coef)
+
+
+def vl_logical_axes(config: VLConfig) -> Any:
+    """The VL params tree with its logical axis names at every leaf (the vision tower's ``vision_embed`` /
+    ``vision_mlp`` are replicated by ``spb2_jax.parallel.rules``; the text stack as ``spb2_jax.model``)."""
+    m = config.vision.spatial_merge_size
+    n = m * m  # one image of one merged token
+    vision = VisionInputs(jnp.zeros((n, 4), jnp.int32), jnp.zeros((n, 4)), jnp.zeros((n, config.vision.head_dim // 2)),
+                          jnp.zeros((n,), jnp.int32))
+    ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
+    boxed = jax.eval_shape(lambda k: SpB2VLForConditionalGeneration(config).init(
+        k, ids, pixel_values=jnp.zeros((n, config.vision.patch_dim)), vision=vision,
+        mrope=jnp.zeros((1, 1, 3), jnp.int32)), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def vl_param_shardings(config: VLConfig, mesh) -> Any:
+    """``NamedSharding`` of ``mesh`` for every VL param (``spb2_jax.parallel.rules``)."""
+    return nn.logical_to_mesh_sharding(vl_logical_axes(config), mesh, rules.RULES)

@@ -12,6 +12,8 @@ Tasks:
                            sharded prefill of a prompt then teacher-forced cached decode steps vs the 1-device
                            no-cache forward (float32); with ``:generate`` also ``Model.generate`` under the mesh
   errors                   the error message of each bad input (unknown axis, wrong sizes, batch vs data)
+  vl SPEC...               the SpB2.0-VL tiny-vl fixture (a two-row left-padded batch, one image per row) loaded
+                           onto each mesh vs one device (float32, no bf16 q/k rounding); max relative logit error
 """
 
 from __future__ import annotations
@@ -277,8 +279,35 @@ def task_errors() -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------ VL
+
+def task_vl(*specs: str) -> dict:
+    from tests.helpers import SHARED
+
+    path = SHARED / "fixtures" / "official-vl" / "tiny-vl"
+    i = np.load(path / "inputs.npz")
+    one = spb2.load_pretrained(path, official_qk_bf16=False)
+    cfg = one.config
+    rng = np.random.default_rng(1)
+    other, grid = spb2.vision.patchify(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), cfg.vision)
+    short = [1, 40, 41, cfg.vision_start_token_id] + [cfg.image_token_id] * 6 + [cfg.vision_end_token_id, 42, 43]
+    long = i["input_ids"][0].tolist()
+    pad = len(long) - len(short)
+    ids = np.asarray([long, [0] * pad + short])
+    mask = np.asarray([[1] * len(long), [0] * pad + [1] * len(short)])
+    kw = dict(pixel_values=np.concatenate([i["pixel_values"], other]),
+              image_grid_thw=np.concatenate([i["image_grid_thw"], grid[None]]))
+    want = np.asarray(one(ids, mask, **kw).logits)
+    out = {}
+    for spec in specs:
+        model = spb2.load_pretrained(path, official_qk_bf16=False, mesh=mesh_for(spec))
+        got = np.asarray(jax.device_get(model(ids, mask, **kw).logits))
+        out[spec] = rel(np.where(mask[..., None] == 1, got, 0), np.where(mask[..., None] == 1, want, 0))
+    return out
+
+
 if __name__ == "__main__":
     task, args = sys.argv[1], sys.argv[2:]
     result = {"ops": task_ops, "forward": task_forward, "grads": task_grads, "decode": task_decode,
-              "errors": task_errors}[task](*args)
+              "errors": task_errors, "vl": task_vl}[task](*args)
     print(json.dumps(result))

@@ -9,7 +9,8 @@ import tomllib
 from tests.conftest import REPO
 
 # distribution name -> the module it provides, where the two differ
-MODULE_OF = {"ml_dtypes": "ml_dtypes", "orbax-checkpoint": "orbax", "PyYAML": "yaml", "tensorboardX": "tensorboardX"}
+MODULE_OF = {"ml_dtypes": "ml_dtypes", "orbax-checkpoint": "orbax", "PyYAML": "yaml", "tensorboardX": "tensorboardX",
+             "pillow": "PIL"}
 
 
 def _imported_top_level_modules(*packages: str) -> set[str]:
