@@ -59,8 +59,8 @@ def test_the_coded_model_runs_close_to_float32(tiny, coding):
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 384, (2, 48)))
     ref = np.asarray(tiny(ids).logits)
     qp = quantize(tiny.params, tiny.config, coding)
-    out = np.asarray(spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding=coding)).apply(
-        {"params": qp}, ids).logits)
+    model = spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding=coding))
+    out = np.asarray(jax.jit(lambda p, i: model.apply({"params": p}, i).logits)(qp, ids))
     assert np.isfinite(out).all() and out.shape == ref.shape
     assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.3  # chance: 1/384
 
@@ -84,8 +84,8 @@ def test_spiking_statistics_are_sown_without_changing_the_output(tiny):
     ids = jnp.asarray(np.random.default_rng(1).integers(3, 384, (2, 40)))
     qp = quantize(tiny.params, tiny.config, "int8_spiking")
     model = spb2.SpB2ForCausalLM(tiny.config, spb2.resolve_options(tiny.config, coding="int8_spiking"))
-    plain = model.apply({"params": qp}, ids).logits
-    out, state = model.apply({"params": qp}, ids, mutable=["intermediates"])
+    plain = jax.jit(lambda p, i: model.apply({"params": p}, i).logits)(qp, ids)
+    out, state = jax.jit(lambda p, i: model.apply({"params": p}, i, mutable=["intermediates"]))(qp, ids)
     np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain))
     stats = {path[:-1]: v[0] for path, v in traverse_util.flatten_dict(state["intermediates"]).items()
              if path[-1] == "spike_stats"}
