@@ -31,6 +31,21 @@ from spb2_jax.parallel.rules import use_rules
 EMBEDDED_TINY = os.path.join(os.path.dirname(__file__), "assets", "tiny")
 
 
+def checked_input_ids(input_ids: Any, vocab_size: int) -> np.ndarray:
+    """``input_ids`` as a ``[batch, time]`` integer array (a 1-D sequence becomes one row); a ValueError naming
+    the shape, dtype or the out-of-range ids otherwise."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids [batch, time], got shape {ids.shape} "
+                         f"dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside [0, vocab_size={vocab_size})")
+    return ids
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model: ``config``, ``options`` (how it runs), ``params`` (a pytree of arrays) and the checkpoint's
@@ -55,16 +70,7 @@ class Model:
 
         ``attention_mask [B, T]``: HF left/right padding (0 = pad); ``segment_ids [B, T]``: packed sequences
         (0 = padding), tokens never mix across segments."""
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be integer token ids [batch, time], got shape {ids.shape} "
-                             f"dtype {ids.dtype}")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside "
-                             f"[0, vocab_size={self.config.vocab_size})")
+        ids = checked_input_ids(input_ids, self.config.vocab_size)
         as_int = lambda x: None if x is None else np.asarray(x).astype(np.int32)  # noqa: E731
         mask, seg = as_int(attention_mask), as_int(segment_ids)
         for name, x in (("attention_mask", mask), ("segment_ids", seg)):

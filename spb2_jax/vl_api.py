@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from spb2_jax.api import checked_input_ids
 from spb2_jax.checkpoint.vl import load_vl
 from spb2_jax.options import ModelOptions, resolve_options
 from spb2_jax.vision.config import VLConfig
@@ -39,15 +40,7 @@ class VLModel:
         ``image_grid_thw [n, 3]`` (one run of ``t h w / 4`` tokens per image, in row order) and ``pixel_values``
         (``spb2_jax.vision.patchify_images``) -> ``VLOutput`` (``.logits [B, T, V]``). ``attention_mask``: HF
         left padding (0 = pad)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be integer token ids [batch, time], got shape {ids.shape}")
-        vocab = self.config.text.vocab_size
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.size:
-            raise ValueError(f"input_ids contain ids {sorted(set(bad.tolist()))[:8]} outside [0, vocab_size={vocab})")
+        ids = checked_input_ids(input_ids, self.config.text.vocab_size)
         mask = None if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")

@@ -130,8 +130,8 @@ def test_cached_decode_left_padding_with_a_data_axis():
 
 
 def test_vl_model_on_a_mesh_equals_one_device():
-    """SpB2.0-VL loaded onto a data=2, tensor=2, sequence=2 mesh (vision tower replicated, text stack by the rules, sequence-parallel over
-    ``sequence``; a two-row left-padded batch with one image per row and T = 70 not a multiple of the shards)
+    """SpB2.0-VL loaded onto a data=2, tensor=2, sequence=2 mesh (vision tower replicated, text stack by the
+    rules, sequence-parallel over ``sequence``; a two-row left-padded batch with one image per row and T = 70 not a multiple of the shards)
     gives the 1-device logits (float32; max error relative to the largest logit)."""
     result = _worker("vl", "data=2,tensor=2,sequence=2")
     for spec, err in result.items():

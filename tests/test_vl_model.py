@@ -41,15 +41,15 @@ def vl():
     return config, params, i, o, prep
 
 
-def _forward(vl, bf16: bool, jit: bool = True, **kw):
+def _forward(vl, bf16: bool, **kw):
     config, params, i, _, prep = vl
     model = SpB2VLForConditionalGeneration(config, resolve_options(config.text, official_qk_bf16=bf16))
 
     def run(p, ids, mask, pixels, vision, mrope):
         return model.apply({"params": p}, ids, mask, pixel_values=pixels, vision=vision, mrope=mrope, **kw)
 
-    return (jax.jit(run) if jit else run)(params, jnp.asarray(i["input_ids"]), jnp.asarray(i["attention_mask"]),
-                                         jnp.asarray(i["pixel_values"]), prep["vision"], jnp.asarray(prep["mrope"]))
+    return jax.jit(run)(params, jnp.asarray(i["input_ids"]), jnp.asarray(i["attention_mask"]),
+                        jnp.asarray(i["pixel_values"]), prep["vision"], jnp.asarray(prep["mrope"]))
 
 
 def _near_tie(x: jax.Array, delta: float) -> jax.Array:
@@ -91,19 +91,27 @@ def test_losses_follow_the_official_label_convention(vl):
         assert float(parts[key]) == pytest.approx(float(o[key]), abs=1e-4), key
 
 
-@pytest.mark.slow  # one run per near-tie element (~80 s)
 def test_bf16_logits_lie_within_the_rounding_flip_bound(vl, monkeypatch):
     """First-order bound: the official run rounds some subset of the near-tie elements the other way; each flip
     alone moves our logits by a measured amount, so the official logits lie within the sum of those amounts."""
     config, params, i, o, prep = vl
     real = i["attention_mask"][0] == 1
     ours = np.asarray(_forward(vl, True).logits)[0, real]
-    seen = []
-    _patch_rounding(monkeypatch, lambda x: (seen.append(np.asarray(x)), x.astype(jnp.bfloat16).astype(x.dtype))[1])
-    _forward(vl, True, jit=False)  # op by op: the rounded arrays are concrete
+    model = SpB2VLForConditionalGeneration(config, resolve_options(config.text, official_qk_bf16=True))
+    args = (jnp.asarray(i["input_ids"]), jnp.asarray(i["attention_mask"]))
+    kw = dict(pixel_values=jnp.asarray(i["pixel_values"]), vision=prep["vision"], mrope=prep["mrope"])
+
+    @jax.jit
+    def rounded_inputs(p):  # the arrays each call site rounds, returned from one compiled forward
+        traced = []
+        with monkeypatch.context() as m:
+            _patch_rounding(m, lambda x: (traced.append(x), x.astype(jnp.bfloat16).astype(x.dtype))[1])
+            model.apply({"params": p}, *args, **kw)
+        return traced
+
+    seen = [np.asarray(x) for x in rounded_inputs(params)]
     candidates = [(c, int(j)) for c, x in enumerate(seen)
                   for j in np.flatnonzero(np.asarray(_near_tie(jnp.asarray(x), DELTA)))]
-    model = SpB2VLForConditionalGeneration(config, resolve_options(config.text, official_qk_bf16=True))
 
     @jax.jit
     def flipped(call, index):
@@ -116,9 +124,7 @@ def test_bf16_logits_lie_within_the_rounding_flip_bound(vl, monkeypatch):
 
         with monkeypatch.context() as m:
             _patch_rounding(m, one_flip)
-            return model.apply({"params": params}, jnp.asarray(i["input_ids"]), jnp.asarray(i["attention_mask"]),
-                               pixel_values=jnp.asarray(i["pixel_values"]), vision=prep["vision"],
-                               mrope=prep["mrope"]).logits
+            return model.apply({"params": params}, *args, **kw).logits
 
     effects = [np.abs(np.asarray(flipped(c, j))[0, real] - ours).max() for c, j in candidates]
     bound = float(np.sum(effects))
