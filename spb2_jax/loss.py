@@ -58,14 +58,26 @@ def tiled_cross_entropy(
       float32, float64 under x64 with float64 ``hidden``) and the number of non-ignored tokens (int32).
       Differentiable w.r.t. ``hidden`` and ``head_kernel``.
     """
+    _check_shapes(hidden, head_kernel, targets)
+    if not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"{tile_size=} must be a positive int")
+    return _tiled_ce(hidden, head_kernel, targets.astype(jnp.int32), tile_size)
+
+
+def token_nll(hidden: jax.Array, head_kernel: jax.Array, targets: jax.Array, *, tile_size: int = 512) -> jax.Array:
+    """Per-token negative log-likelihood ``[B, T]`` of ``hidden @ head_kernel`` against ``targets`` (accumulation
+    dtype; 0 where ``targets == IGNORE_INDEX``), one sequence tile of logits at a time as ``tiled_cross_entropy``
+    (same arguments; no gradient rule: for evaluation)."""
+    _check_shapes(hidden, head_kernel, targets)
+    return _ce_forward(hidden, head_kernel, targets.astype(jnp.int32), tile_size)[4]
+
+
+def _check_shapes(hidden: jax.Array, head_kernel: jax.Array, targets: jax.Array) -> None:
     if hidden.ndim != 3 or head_kernel.ndim != 2 or hidden.shape[-1] != head_kernel.shape[0]:
         raise ValueError(f"expected hidden [B, T, D] and head_kernel [D, V], got {hidden.shape=} and "
                          f"{head_kernel.shape=}")
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {targets.shape} != hidden batch/time shape {hidden.shape[:2]}")
-    if not isinstance(tile_size, int) or tile_size < 1:
-        raise ValueError(f"{tile_size=} must be a positive int")
-    return _tiled_ce(hidden, head_kernel, targets.astype(jnp.int32), tile_size)
 
 
 def _tiles(T: int, tile_size: int) -> tuple[int, int]:
@@ -83,8 +95,8 @@ def _vocab_chunk(V: int, n_tiles: int) -> int:
 def _ce_forward(
     hidden: jax.Array, head_kernel: jax.Array, targets: jax.Array, tile_size: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(nll_sum, count, x_max [B, T], log_sum [B, T])`` over sequence tiles; ``log_softmax(x) = x - x_max -
-    log_sum`` per token, the statistics the backward needs."""
+    """``(nll_sum, count, x_max [B, T], log_sum [B, T], nll [B, T])`` over sequence tiles; ``log_softmax(x) = x -
+    x_max - log_sum`` per token (the statistics the backward needs); ``nll`` per token, 0 where ignored."""
     B, T, D = hidden.shape
     C, n = _tiles(T, tile_size)
     dtype, acc = hidden.dtype, acc_dtype(hidden)  # the plain loss's acc_dtype(logits): logits are in dtype
@@ -107,23 +119,22 @@ def _ce_forward(
         picked = jnp.take_along_axis(shifted, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]  # [B, C]
         nll = jnp.where(valid, log_sum - picked, 0.0)  # [B, C]; = -log_softmax(x)[target]
         carry = (nll_sum + jnp.sum(nll), count + jnp.sum(valid, dtype=jnp.int32))
-        return carry, (x_max, log_sum)
+        return carry, (x_max, log_sum, nll)
 
     init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
-    (nll_sum, count), (x_max, log_sum) = jax.lax.scan(step, init, (h_tiles, t_tiles))  # stats [n, B, C]
-    x_max = jnp.moveaxis(x_max, 0, 1).reshape(B, n * C)[:, :T]  # [B, T]
-    log_sum = jnp.moveaxis(log_sum, 0, 1).reshape(B, n * C)[:, :T]  # [B, T]
-    return nll_sum, count, x_max, log_sum
+    (nll_sum, count), stats = jax.lax.scan(step, init, (h_tiles, t_tiles))  # stats [n, B, C]
+    x_max, log_sum, nll = (jnp.moveaxis(x, 0, 1).reshape(B, n * C)[:, :T] for x in stats)  # [B, T] each
+    return nll_sum, count, x_max, log_sum, nll
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _tiled_ce(hidden: jax.Array, head_kernel: jax.Array, targets: jax.Array, tile_size: int):
-    nll_sum, count, _, _ = _ce_forward(hidden, head_kernel, targets, tile_size)
+    nll_sum, count, _, _, _ = _ce_forward(hidden, head_kernel, targets, tile_size)
     return nll_sum, count
 
 
 def _tiled_ce_fwd(hidden, head_kernel, targets, tile_size):
-    nll_sum, count, x_max, log_sum = _ce_forward(hidden, head_kernel, targets, tile_size)
+    nll_sum, count, x_max, log_sum, _ = _ce_forward(hidden, head_kernel, targets, tile_size)
     return (nll_sum, count), (hidden, head_kernel, targets, x_max, log_sum)
 
 
