@@ -164,7 +164,7 @@ def _apply(params, ids, mask, seg, *, config, options, output_hidden_states):
 
 def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None, impl: str | None = None,
                     options: ModelOptions | None = None, strict: bool = True, mesh: Any = None,
-                    **option_kwargs) -> Model:
+                    progress: bool = True, **option_kwargs) -> Model:
     """Load an HF checkpoint directory into a ``Model`` handle.
 
     Args:
@@ -181,6 +181,7 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
       mesh: a ``spb2_jax.parallel.make_mesh`` mesh: each tensor is placed on its shards as it is read (logical
         rules), and with a ``sequence`` axis > 1 the token mixers run sequence-parallel; ``model(...)`` then
         shards its inputs ``[data x fsdp, sequence]``.
+      progress: a progress bar over the tensors read (SpB2 / Qwen3 checkpoints).
       option_kwargs: more ``resolve_options`` arguments (``remat``, ``moba_decode``, ``block_size``...).
     """
     path = EMBEDDED_TINY if path is None else os.fspath(path)
@@ -200,7 +201,7 @@ def load_pretrained(path: str | os.PathLike | None = None, *, dtype: Any = None,
     shardings = None
     if mesh is not None:
         shardings = functools.partial(param_shardings, mesh=mesh)
-    _, params = load_checkpoint(path, dtype=options.dtype, strict=strict, shardings=shardings)
+    _, params = load_checkpoint(path, dtype=options.dtype, strict=strict, shardings=shardings, progress=progress)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     return Model(config=config, options=options, params=params, mesh=mesh,
                  tokenizer=load_tokenizer(path) if has_tokenizer else None)

@@ -35,13 +35,15 @@ def _check(path: str, tolerance: float) -> int:
     else:
         from spb2_jax.checkpoint.auto import config_of
         base = config_of(a.get("checkpoint"))
+    lengths = sorted(a["lengths"])
+    calibration = {"calibration": tuple(lengths[:2])} if len(lengths) >= 2 else {}
     worst = 0.0
     print(f"{'variant':>8} {'T':>7} {'measured MiB':>12} {'predicted MiB':>13} {'error':>7}   parts (MiB)")
     for v, c in res["curves"].items():
         cfg = variant_config(base, v)
         dtype = resolve_options(cfg, dtype=a.get("dtype")).dtype
         for p in c["points"]:
-            pred = predict_memory(cfg, p["T"], dtype=dtype, extra_slots=a.get("decode_steps", 0))
+            pred = predict_memory(cfg, p["T"], dtype=dtype, extra_slots=a.get("decode_steps", 0), **calibration)
             err = pred["total"] / p["peak_bytes"] - 1
             worst = max(worst, abs(err))
             parts = " ".join(f"{k} {x / MiB:.1f}" for k, x in pred.items() if k != "total")

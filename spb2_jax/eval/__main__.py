@@ -118,7 +118,7 @@ def _run_ppl(args) -> dict[str, Any]:
     text = _read_text(args.text)
     check_context(10 ** 18, args.context, mesh_sizes(args.mesh).get("sequence", 1))  # before any device work
     mesh = parse_mesh(args.mesh)
-    model = load_model(args.checkpoint, mesh)
+    model = load_model(args.checkpoint, mesh, not args.no_progress)
     if model.tokenizer is None:
         raise EvalError(f"--checkpoint {args.checkpoint!r} has no tokenizer.json (ppl reads text)")
     res = perplexity(model, model.encode(text), args.context, max_windows=args.max_windows,
@@ -148,8 +148,10 @@ def _run_retrieval(args) -> dict[str, Any]:
         raise EvalError(f"--haystack {haystack!r}: no such file")
     if args.trials < 1:
         raise EvalError(f"--trials {args.trials} must be >= 1")
+    if not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
+        raise EvalError(f"--depths {args.depths} must lie in [0, 1]")
     mesh = parse_mesh(args.mesh)
-    model = load_model(args.checkpoint, mesh)
+    model = load_model(args.checkpoint, mesh, not args.no_progress)
     res = retrieval_grid(model, args.command, args.lengths, args.depths, trials=args.trials, fmt=args.format,
                          symbols=args.symbols, haystack=haystack, seed=args.seed, progress=not args.no_progress)
     acc = np.asarray(res["accuracy"])
@@ -171,7 +173,7 @@ def _run_retrieval(args) -> dict[str, Any]:
 def _run_recall(args) -> dict[str, Any]:
     import jax
 
-    from spb2_jax.eval.common import load_model, parse_mesh, write_results
+    from spb2_jax.eval.common import load_model, write_results
     from spb2_jax.eval.plots import plot_lines
     from spb2_jax.eval.recall import format_recall_table, recall_grid
     from spb2_jax.model import init_params
@@ -183,7 +185,7 @@ def _run_recall(args) -> dict[str, Any]:
                         f"{args.symbols}")
     if args.mesh:
         raise EvalError("recall runs on one device (its sequences are short); drop --mesh")
-    model = load_model(args.checkpoint, parse_mesh(None))
+    model = load_model(args.checkpoint, None, not args.no_progress)
     if 3 + 2 * args.symbols > model.config.vocab_size:
         raise EvalError(f"--symbols {args.symbols} needs {3 + 2 * args.symbols} ids; the model has "
                         f"vocab_size={model.config.vocab_size}")
@@ -231,11 +233,13 @@ def _run_speed(args) -> dict[str, Any]:
     from spb2_jax.options import resolve_options
 
     summary = {}
+    calibration = tuple(sorted(args.lengths)[:2]) if len(args.lengths) >= 2 else None
     for v, c in curves.items():
         cfg = variant_config(config, v)
         dtype = resolve_options(cfg, dtype=args.dtype).dtype
         for p in c["points"]:
-            p["predicted_bytes"] = predict_memory(cfg, p["T"], dtype=dtype, extra_slots=args.decode_steps)["total"]
+            p["predicted_bytes"] = predict_memory(cfg, p["T"], dtype=dtype, extra_slots=args.decode_steps,
+                                                  **({"calibration": calibration} if calibration else {}))["total"]
             p["prediction_error"] = p["predicted_bytes"] / p["peak_bytes"] - 1 if p["peak_bytes"] else None
         Ts = [p["T"] for p in c["points"]]
         summary[v] = {"ttft_exponent": fit_exponent(Ts, [p["ttft_s"] for p in c["points"]]),

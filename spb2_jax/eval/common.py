@@ -53,7 +53,7 @@ def parse_mesh(spec: str | None):
     return make_mesh(spec, devices=jax.devices()[:need])
 
 
-def load_model(checkpoint: str | None, mesh=None):
+def load_model(checkpoint: str | None, mesh=None, progress: bool = True):
     """``spb2_jax.load_pretrained`` of an HF checkpoint directory (None: the embedded tiny model) placed on
     ``mesh``; a training run directory gets a message saying how to export it."""
     from spb2_jax.api import load_pretrained
@@ -65,7 +65,7 @@ def load_model(checkpoint: str | None, mesh=None):
             hint = (" (a training run directory: export it with python -m spb2_jax.train --config ... --export-hf DIR)"
                     if os.path.isdir(os.path.join(checkpoint, "checkpoints")) else "")
             raise EvalError(f"--checkpoint {checkpoint!r} has no config.json: not an HF checkpoint{hint}")
-    return load_pretrained(checkpoint, mesh=mesh)
+    return load_pretrained(checkpoint, mesh=mesh, progress=progress)
 
 
 def git_commit() -> str:

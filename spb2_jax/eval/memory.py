@@ -7,7 +7,7 @@
 * ``cache``: the decoding cache of ``context + extra_slots`` slots (``init_cache`` traced abstractly: K/V of the
   full / MoBA layers, MoBA block sums, the SWA rings and the SSE states), the K/V slot axis divided over
   ``sequence``;
-* ``logits``: the last token's ``[B, V]`` float32 logits, and the token ids;
+* ``logits``: the last token's ``[B, V]`` float32 logits, and the token ids and their validity mask;
 * ``activations``: the working set of the largest layer plus what every other layer keeps alive until the end of
   the program (XLA writes each layer's new cache entries into the donated buffers after the stack). Both are per
   layer kind and linear in the context: ``W_kind(T)`` and ``R_kind(T)``. They come from XLA's buffer assignment of
@@ -16,8 +16,12 @@
   model with layers ``l``: ``activations = max_l W_kind(l) + sum_{l != argmax} R_kind(l)``, divided over
   ``sequence`` (the tokens are).
 
-The prediction is checked against the measured peaks of every ``speed`` point (``tools/memory_model.py --check``,
-BENCHMARKS.md); the linear extrapolation is the model's claim, tested from 2x to 64x the calibration contexts.
+Linear in T is an approximation of XLA's buffer assignment, whose per-token temporaries can jump where its
+schedule changes: for ``configs/tiny.json`` (width 64) the SSE stack's temporaries are 16.3, 32.6, 69.3, 82.5 and
+155.4 MiB at T = 256 ... 4,096; for ``small-8l`` from 4k to 64k the prediction holds within 11 % (BENCHMARKS.md).
+The calibration contexts default to 4,096 and 8,192; ``speed`` and ``tools/memory_model.py --check`` calibrate at
+the curve's two shortest contexts. The prediction is checked against the measured peaks of every ``speed`` point
+(BENCHMARKS.md); the linear extrapolation is the model's claim, tested out to 8x the calibration contexts.
 """
 
 from __future__ import annotations
@@ -82,7 +86,27 @@ def predict_memory(config: SpB2Config, context: int, *, mesh=None, dtype: Any = 
     """Predicted bytes per device of a prefill of ``context`` tokens (batch ``batch``) into a cache of
     ``context + extra_slots`` slots: ``{"params", "cache", "logits", "activations", "total"}``. ``mesh``: a
     ``Mesh`` or a ``{axis: size}`` dict."""
-    sizes = {} if mesh is None else {str(k): int(v) for k, v in dict(getattr(mesh, "shape", mesh)).items()}
+    parts = static_memory(config, context, mesh=mesh, dtype=dtype, batch=batch, extra_slots=extra_slots)
+    seq = _mesh_sizes(mesh).get("sequence", 1)
+    sizes_only = config.replace(attn={"layers": (), "full_layers": ()})  # twins share their calibration
+    costs = {k: layer_costs(sizes_only, k, dtype, tuple(calibration)) for k in set(config.layer_kinds)}
+    per = lambda kind, part: costs[kind][part][0] * context + costs[kind][part][1]  # noqa: E731
+    kinds = list(config.layer_kinds)
+    largest = max(range(len(kinds)), key=lambda i: per(kinds[i], "working"))
+    act = per(kinds[largest], "working") + sum(per(k, "kept") for i, k in enumerate(kinds) if i != largest)
+    parts["activations"] = int(batch * act) // seq
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _mesh_sizes(mesh) -> dict[str, int]:
+    return {} if mesh is None else {str(k): int(v) for k, v in dict(getattr(mesh, "shape", mesh)).items()}
+
+
+def static_memory(config: SpB2Config, context: int, *, mesh=None, dtype: Any = None, batch: int = 1,
+                  extra_slots: int = 0) -> dict[str, int]:
+    """The parts of ``predict_memory`` that are shapes alone (no compilation): ``{"params", "cache", "logits"}``."""
+    sizes = _mesh_sizes(mesh)
     seq = sizes.get("sequence", 1)
     model_shards = sizes.get("fsdp", 1) * sizes.get("tensor", 1)
     options = resolve_options(config, dtype=dtype)
@@ -92,12 +116,5 @@ def predict_memory(config: SpB2Config, context: int, *, mesh=None, dtype: Any = 
     kv_bytes = 2 * kv * batch * config.attn.kv_heads * (context + extra_slots) * config.head_dim * \
         jnp.dtype(options.dtype).itemsize
     cache = cache - kv_bytes + kv_bytes // seq
-    logits = batch * config.vocab_size * 4 + 2 * batch * context * 4 // seq
-    costs = {k: layer_costs(config, k, dtype, tuple(calibration)) for k in set(config.layer_kinds)}
-    per = lambda kind, part: costs[kind][part][0] * context + costs[kind][part][1]  # noqa: E731
-    kinds = list(config.layer_kinds)
-    largest = max(range(len(kinds)), key=lambda i: per(kinds[i], "working"))
-    act = per(kinds[largest], "working") + sum(per(k, "kept") for i, k in enumerate(kinds) if i != largest)
-    act = int(batch * act) // seq
-    return {"params": params, "cache": cache, "logits": logits, "activations": act,
-            "total": params + cache + logits + act}
+    logits = batch * config.vocab_size * 4 + batch * context * 5 // seq  # + the int32 ids and bool mask
+    return {"params": params, "cache": cache, "logits": logits}

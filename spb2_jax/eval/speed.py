@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from spb2_jax.config import SpB2Config
 from spb2_jax.generate.decode import extend_in_place
 from spb2_jax.layers.cache import init_cache
-from spb2_jax.model import init_params
+from spb2_jax.model import abstract_params
 from spb2_jax.options import resolve_options
 
 VARIANTS = ("model", "full", "sse_swa")
@@ -45,6 +45,15 @@ def full_attention_twin(config: SpB2Config) -> SpB2Config:
 def sse_swa_twin(config: SpB2Config) -> SpB2Config:
     """``config`` with every layer SSE + SWA (no MoBA, no full attention)."""
     return config.replace(attn={"layers": (), "full_layers": ()})
+
+
+def random_params(config: SpB2Config, dtype: Any = jnp.float32, seed: int = 0) -> Any:
+    """Every parameter drawn from N(0, initializer_range^2), norm weights included: timing and memory do not
+    depend on the values, and nothing is compiled (the official init traces the whole model)."""
+    leaves, tree = jax.tree.flatten(abstract_params(config, param_dtype=dtype))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [config.initializer_range * jax.random.normal(k, x.shape, x.dtype)
+                                     for k, x in zip(keys, leaves)])
 
 
 def variant_config(config: SpB2Config, variant: str) -> SpB2Config:
@@ -118,14 +127,14 @@ def speed_curves(config: SpB2Config, variants: Sequence[str], lengths: Sequence[
                  decode_steps: int = 8, max_seconds: float | None = None, seed: int = 0,
                  progress: bool = True) -> dict[str, dict]:
     """``{variant: {"points": [measure_point ...], "stopped": None | reason}}`` over increasing ``lengths``
-    (random official-style init weights: the times do not depend on the values)."""
+    (``random_params`` weights)."""
     out = {}
     bar = tqdm(total=len(variants) * len(lengths), desc="speed", unit="point", disable=not progress,
                dynamic_ncols=True)
     for variant in variants:
         cfg = variant_config(config, variant)
         options = resolve_options(cfg, dtype=dtype)
-        params = init_params(cfg, jax.random.key(seed))
+        params = random_params(cfg, options.param_dtype, seed)
         points, stopped = [], None
         for T in sorted(lengths):
             bar.set_postfix_str(f"{variant} T={T}")
