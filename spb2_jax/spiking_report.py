@@ -19,7 +19,7 @@ import numpy as np
 from spb2_jax.api import EMBEDDED_TINY, load_pretrained
 from spb2_jax.checkpoint.auto import config_of
 from spb2_jax.model import abstract_params
-from spb2_jax.quant.report import format_report, plot_report, select_layers, spiking_report
+from spb2_jax.quant.report import K_SWEEP, format_report, plot_report, select_layers, spiking_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=float, default=3.0, help="threshold divisor: V_th = mean|x| / k (default 3)")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--layers", default=None, help="regex of the layer paths to report (default: every coded layer)")
+    p.add_argument("--sweep", default=",".join(str(k) for k in K_SWEEP),
+                   help="the k values of the sparsity / perplexity sweep (default 2,2.5,3,3.5,4)")
     p.add_argument("--out", default="spiking_report")
     args = p.parse_args(argv)
     try:
         if args.k <= 0:
             raise ValueError(f"--k {args.k} must be > 0 (the spiking threshold is mean|x| / k)")
+        try:
+            sweep = tuple(float(x) for x in args.sweep.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--sweep {args.sweep!r} must be comma-separated numbers, e.g. 2,3,4") from None
+        if not sweep or min(sweep) <= 0:
+            raise ValueError(f"--sweep {args.sweep!r} must be positive k values")
         if not os.path.isfile(args.text):
             raise FileNotFoundError(f"--text {args.text!r}: no such file")
         config = config_of(args.checkpoint or EMBEDDED_TINY)
@@ -46,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = model.encode(f.read())[:args.max_tokens]
         if len(ids) < 2:
             raise ValueError(f"--text {args.text!r} gives {len(ids)} tokens; at least 2 are needed")
-        report = spiking_report(model.config, model.params, np.asarray([ids]), k=args.k, layers=args.layers)
+        report = spiking_report(model.config, model.params, np.asarray([ids]), k=args.k, layers=args.layers,
+                                sweep=sweep)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

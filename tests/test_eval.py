@@ -35,6 +35,8 @@ from spb2_jax.model import init_params  # noqa: E402
 from spb2_jax.options import resolve_options  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # many small programs: compile time dominates
+
 TEXT = REPO / "spb2_jax" / "train" / "data.py"  # ~12k tokens of held-out Python source for the tiny tokenizer
 RECALL = REPO / "configs" / "tiny-recall.json"
 
@@ -63,37 +65,22 @@ def _cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
                           timeout=600, env=_env(devices))
 
 
-def _cli_runs(runs: list[list[str]], devices: int) -> None:
-    """Several CLI invocations in one process with ``devices`` forced CPU devices (one start-up)."""
-    code = ("import json, sys\nfrom spb2_jax.eval.__main__ import main\n"
-            "sys.exit(max(main(a) for a in json.loads(sys.argv[1])))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=_env(devices))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def test_ppl_and_passkey_on_four_sequence_shards_equal_one_device(tmp_path):
+def test_ppl_on_four_sequence_shards_equals_one_device(tmp_path):
     """The acceptance check: ``ppl`` of the shipped tiny checkpoint (windows of 256 tokens) with sequence=4 on 4
-    forced CPU devices vs one device, through the CLI; and ``passkey``'s greedy continuations after the
-    sequence-sharded prefill are one device's."""
+    forced CPU devices vs one device, through the CLI. (Greedy decoding after a sequence-sharded prefill, which
+    ``passkey`` / ``niah`` use through ``Model.generate``, is checked in ``test_sequence_parallel``.)"""
     res = {}
     for name, mesh, devices in (("one", [], 1), ("four", ["--mesh", "sequence=4"], 4)):
-        out = tmp_path / name
-        _cli_runs([["ppl", "--text", str(TEXT), "--context", "256", "--max-windows", "6", "--no-progress",
-                    "--out", str(out / "ppl"), *mesh],
-                   ["passkey", "--lengths", "128", "--depths", "0,1", "--trials", "2", "--no-progress",
-                    "--out", str(out / "passkey"), *mesh]], devices)
-        res[name] = {task: _results(out / task) for task in ("ppl", "passkey")}
-    one, four = res["one"]["ppl"], res["four"]["ppl"]
+        proc = _cli("ppl", "--text", str(TEXT), "--context", "256", "--max-windows", "6", "--no-progress",
+                    "--out", str(tmp_path / name), *mesh, devices=devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res[name] = _results(tmp_path / name)
+    one, four = res["one"], res["four"]
     assert four["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4} and one["mesh"] is None
     assert four["device"]["count"] == 4 and one["windows"] == four["windows"] == 6
     assert abs(four["ppl"] / one["ppl"] - 1) <= 1e-5, (one["ppl"], four["ppl"])
     np.testing.assert_allclose(four["curve"]["nll"], one["curve"]["nll"], rtol=1e-5)
-    _png_is_real(tmp_path / "one" / "ppl" / "loss_vs_position.png")
-    one, four = res["one"]["passkey"], res["four"]["passkey"]
-    assert four["mesh"]["sequence"] == 4
-    assert [e["shown"] for e in four["examples"]] == [e["shown"] for e in one["examples"]]
-    assert four["accuracy"] == one["accuracy"]
+    _png_is_real(tmp_path / "one" / "loss_vs_position.png")
 
 
 def test_ppl_equals_exp_of_the_mean_token_loss_from_full_logits():
@@ -189,12 +176,12 @@ def test_text_prompt_has_the_length_and_the_needle():
 @pytest.mark.parametrize("task, extra", [("passkey", []), ("niah", ["--haystack", str(TEXT)])])
 def test_retrieval_cli_writes_a_heatmap(tmp_path, task, extra):
     out = tmp_path / task
-    assert main([task, "--lengths", "128,192", "--depths", "0,0.5,1", "--trials", "2", "--out", str(out),
-                 "--no-progress", *extra]) == 0
+    assert main([task, "--lengths", "128", "--depths", "0,1", "--trials", "2", "--out", str(out), "--no-progress",
+                 *extra]) == 0
     res = _results(out)
-    assert res["format"] == "text" and np.asarray(res["accuracy"]).shape == (3, 2)
-    assert len(res["examples"]) == 6
-    _png_is_real(out / f"{task}_heatmap.png")
+    assert res["format"] == "text" and np.asarray(res["accuracy"]).shape == (2, 1)
+    assert len(res["examples"]) == 2
+    _png_is_real(out / f"{task}_heatmap.png", min_width=400)
 
 
 def test_passkey_in_the_pairs_format_on_a_tokenizer_less_checkpoint(tmp_path, recall_checkpoint):
@@ -205,10 +192,10 @@ def test_passkey_in_the_pairs_format_on_a_tokenizer_less_checkpoint(tmp_path, re
 
 
 def test_speed_cli_curves_plots_and_memory_prediction(tmp_path):
-    """A 2-layer MoBA + SSE config (its full twin adds the third kind), two contexts, 2 decode steps."""
+    """A 2-layer SSE config and its full twin (two layer kinds to calibrate), two contexts, 2 decode steps."""
     tiny = SpB2Config.from_json_file(str(REPO / "configs" / "tiny.json"))
     config = tmp_path / "two-layer.json"
-    config.write_text(tiny.replace(num_hidden_layers=2, attn={"layers": (0,), "full_layers": ()}).to_json_string())
+    config.write_text(tiny.replace(num_hidden_layers=2, attn={"layers": (), "full_layers": ()}).to_json_string())
     out = tmp_path / "speed"
     assert main(["speed", "--config", str(config), "--lengths", "32,64", "--baseline", "full", "--decode-steps", "2",
                  "--out", str(out), "--no-progress"]) == 0

@@ -142,12 +142,14 @@ def test_teacher_forced_bf16_layers_match_up_to_one_rounding_flip(vl, monkeypatc
     real = i["attention_mask"][0] == 1
     block = DecoderBlock(config.text, layer, opts)
 
-    def error():
-        out, mixed, _, _ = block.apply({"params": params["model"][f"layers_{layer}"]},
-                                       jnp.asarray(o["layer_inputs"][layer]), seg)
+    def error(run=block.apply):
+        out, mixed, _, _ = run({"params": params["model"][f"layers_{layer}"]}, jnp.asarray(o["layer_inputs"][layer]),
+                               seg)
         return max(np.abs(np.asarray(mixed)[0, real] - o["attn_outputs"][layer][0, real]).max(),
                    np.abs(np.asarray(out)[0, real] - o["layer_outputs"][layer][0, real]).max())
 
+    if error(jax.jit(block.apply)) <= 1e-5:  # compiled once; the flip search below runs op by op
+        return
     base = error()
     if base <= 1e-5:
         return
