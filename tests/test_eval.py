@@ -28,7 +28,7 @@ from spb2_jax.eval.__main__ import main  # noqa: E402
 from spb2_jax.eval.recall import recall_batch  # noqa: E402
 from spb2_jax.eval.retrieval import pairs_prompt, text_prompt  # noqa: E402
 from spb2_jax.eval.memory import static_memory  # noqa: E402
-from spb2_jax.eval.speed import compiled_peak_bytes  # noqa: E402
+from spb2_jax.eval.speed import compiled_peak_bytes, random_params  # noqa: E402
 from spb2_jax.generate.decode import extend_in_place  # noqa: E402
 from spb2_jax.layers.cache import init_cache  # noqa: E402
 from spb2_jax.model import init_params  # noqa: E402
@@ -69,12 +69,11 @@ def test_ppl_on_four_sequence_shards_equals_one_device(tmp_path):
     """The acceptance check: ``ppl`` of the shipped tiny checkpoint (windows of 256 tokens) with sequence=4 on 4
     forced CPU devices vs one device, through the CLI. (Greedy decoding after a sequence-sharded prefill, which
     ``passkey`` / ``niah`` use through ``Model.generate``, is checked in ``test_sequence_parallel``.)"""
-    res = {}
-    for name, mesh, devices in (("one", [], 1), ("four", ["--mesh", "sequence=4"], 4)):
-        proc = _cli("ppl", "--text", str(TEXT), "--context", "256", "--max-windows", "6", "--no-progress",
-                    "--out", str(tmp_path / name), *mesh, devices=devices)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res[name] = _results(tmp_path / name)
+    args = ["ppl", "--text", str(TEXT), "--context", "256", "--max-windows", "6", "--no-progress", "--out"]
+    assert main([*args, str(tmp_path / "one")]) == 0  # this process: one device
+    proc = _cli(*args, str(tmp_path / "four"), "--mesh", "sequence=4", devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = {name: _results(tmp_path / name) for name in ("one", "four")}
     one, four = res["one"], res["four"]
     assert four["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4} and one["mesh"] is None
     assert four["device"]["count"] == 4 and one["windows"] == four["windows"] == 6
@@ -109,10 +108,11 @@ def recall_checkpoint(tmp_path_factory):
     """A random-init tiny-recall checkpoint (the trained one is a benchmark: BENCHMARKS.md)."""
     config = SpB2Config.from_json_file(str(RECALL))
     path = tmp_path_factory.mktemp("recall") / "ckpt"
-    save_hf(config, init_params(config, jax.random.key(3)), path, progress=False)
+    save_hf(config, random_params(config, seed=3), path, progress=False)  # N(0, 0.02^2): no init compile
     return path
 
 
+@pytest.mark.slow(reason="the metric against an independent count (default: the recall CLI's table)")
 def test_recall_accuracy_is_the_share_of_answers_the_logits_pick():
     """``recall_accuracy`` vs an independent count from the model's full logits (argmax over the value ids)."""
     config = SpB2Config.from_json_file(str(RECALL))
@@ -173,7 +173,9 @@ def test_text_prompt_has_the_length_and_the_needle():
         text_prompt(model.tokenizer, "niah", 10, 0.5, "71432", hay)
 
 
-@pytest.mark.parametrize("task, extra", [("passkey", []), ("niah", ["--haystack", str(TEXT)])])
+@pytest.mark.parametrize("task, extra", [
+    ("passkey", []),
+    pytest.param("niah", ["--haystack", str(TEXT)], marks=pytest.mark.slow(reason="the same heatmap code as passkey"))])
 def test_retrieval_cli_writes_a_heatmap(tmp_path, task, extra):
     out = tmp_path / task
     assert main([task, "--lengths", "128", "--depths", "0,1", "--trials", "2", "--out", str(out), "--no-progress",
@@ -184,6 +186,7 @@ def test_retrieval_cli_writes_a_heatmap(tmp_path, task, extra):
     _png_is_real(out / f"{task}_heatmap.png", min_width=400)
 
 
+@pytest.mark.slow(reason="pairs prompts end to end (default: test_pairs_prompt...; BENCHMARKS runs them on tiny-recall)")
 def test_passkey_in_the_pairs_format_on_a_tokenizer_less_checkpoint(tmp_path, recall_checkpoint):
     model = load_pretrained(str(recall_checkpoint))
     assert model.tokenizer is None
@@ -192,15 +195,16 @@ def test_passkey_in_the_pairs_format_on_a_tokenizer_less_checkpoint(tmp_path, re
 
 
 def test_speed_cli_curves_plots_and_memory_prediction(tmp_path):
-    """A 2-layer SSE config and its full twin (two layer kinds to calibrate), two contexts, 2 decode steps."""
+    """A 2-layer SSE config (one layer kind to calibrate), two contexts, 2 decode steps. (The side-by-side
+    variants: ``test_a_curve_stops_cleanly_at_the_first_out_of_memory``; the twins: ``test_twins_...``.)"""
     tiny = SpB2Config.from_json_file(str(REPO / "configs" / "tiny.json"))
     config = tmp_path / "two-layer.json"
     config.write_text(tiny.replace(num_hidden_layers=2, attn={"layers": (), "full_layers": ()}).to_json_string())
     out = tmp_path / "speed"
-    assert main(["speed", "--config", str(config), "--lengths", "32,64", "--baseline", "full", "--decode-steps", "2",
+    assert main(["speed", "--config", str(config), "--lengths", "32,64", "--decode-steps", "2",
                  "--out", str(out), "--no-progress"]) == 0
     res = _results(out)
-    assert set(res["curves"]) == {"model", "full"}
+    assert set(res["curves"]) == {"model"}
     for v, c in res["curves"].items():
         assert [p["T"] for p in c["points"]] == [32, 64] and c["stopped"] is None
         for p in c["points"]:
@@ -238,11 +242,10 @@ def test_twins_keep_the_sizes_and_change_only_the_layer_kinds():
             (config.hidden_size, config.num_hidden_layers, config.vocab_size, config.num_heads)
 
 
-def test_memory_model_parts_are_the_program_s_own_bytes():
-    """Params and cache from shapes equal the real arrays' bytes, the cache's K/V split over ``sequence``; and for
-    a homogeneous 4-layer stack at a calibration context the prediction is XLA's accounting of the compiled
-    prefill (``W + 3 R = temp_4``): the parts add up to the measured program. (How far the linear extrapolation in
-    T holds is a benchmark: BENCHMARKS.md, small-8l from 4k to 64k within 11 %.)"""
+def test_memory_model_params_and_cache_are_their_arrays_bytes():
+    """Params and cache from shapes equal the real arrays' bytes, the cache's K/V split over ``sequence``. (How far
+    the activations' linear extrapolation in T holds is a benchmark: BENCHMARKS.md, small-8l from 4k to 64k within
+    11 %.)"""
     base = SpB2Config.from_json_file(str(REPO / "configs" / "tiny.json"))
     T = 128
     part = static_memory(base, T, extra_slots=8)
@@ -252,6 +255,14 @@ def test_memory_model_parts_are_the_program_s_own_bytes():
     split = static_memory(base, T, extra_slots=8, mesh={"sequence": 2})
     kv = 2 * 3 * base.attn.kv_heads * (T + 8) * base.head_dim * 4  # the 3 MoBA / full layers' K and V
     assert split["cache"] == part["cache"] - kv // 2
+
+
+@pytest.mark.slow(reason="5 compiles (default: the params / cache parts and the speed CLI's predictions)")
+def test_memory_model_at_its_calibration_point_is_xla_s_accounting():
+    """A homogeneous 4-layer MoBA stack at a calibration context: the prediction is XLA's accounting of the
+    compiled prefill (``W + 3 R = temp_4``), so the parts add up to the measured program."""
+    base = SpB2Config.from_json_file(str(REPO / "configs" / "tiny.json"))
+    T = 128
     every = tuple(range(4))
     stack = base.replace(num_hidden_layers=4, attn={"layers": every, "full_layers": ()})  # 4 MoBA layers
     options = resolve_options(stack)
