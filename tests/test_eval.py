@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -194,7 +195,7 @@ def test_passkey_in_the_pairs_format_on_a_tokenizer_less_checkpoint(tmp_path, re
     assert res["format"] == "pairs" and np.asarray(res["accuracy"]).shape == (2, 2)
 
 
-def test_speed_cli_curves_plots_and_memory_prediction(tmp_path):
+def test_speed_cli_curves_plots_and_memory_prediction(tmp_path, capsys):
     """A 2-layer SSE config (one layer kind to calibrate), two contexts, 2 decode steps. (The side-by-side
     variants: ``test_a_curve_stops_cleanly_at_the_first_out_of_memory``; the twins: ``test_twins_...``.)"""
     tiny = SpB2Config.from_json_file(str(REPO / "configs" / "tiny.json"))
@@ -212,6 +213,10 @@ def test_speed_cli_curves_plots_and_memory_prediction(tmp_path):
         assert res["summary"][v]["ttft_exponent"] is not None
     for name in ("ttft.png", "memory.png", "decode.png"):
         _png_is_real(out / name)
+    tool = runpy.run_path(str(REPO / "tools" / "memory_model.py"))  # tools/memory_model.py --check on this run
+    assert tool["main"](["--check", str(out / "results.json")]) == 0
+    assert "largest error" in capsys.readouterr().out
+    assert tool["main"](["--check", str(tmp_path / "missing.json")]) == 2
 
 
 def test_a_curve_stops_cleanly_at_the_first_out_of_memory(monkeypatch):

@@ -216,7 +216,8 @@ def _run_speed(args) -> dict[str, Any]:
     from spb2_jax.eval.common import write_results
     from spb2_jax.eval.memory import predict_memory
     from spb2_jax.eval.plots import fit_exponent, plot_loglog
-    from spb2_jax.eval.speed import speed_curves
+    from spb2_jax.eval.speed import speed_curves, variant_config
+    from spb2_jax.options import resolve_options
 
     if args.config is not None:
         if not os.path.isfile(args.config):
@@ -229,9 +230,6 @@ def _run_speed(args) -> dict[str, Any]:
     variants = ["model"] + (["full"] if args.baseline == "full" else []) + (["sse_swa"] if args.sse_swa_only else [])
     curves = speed_curves(config, variants, args.lengths, dtype=args.dtype, decode_steps=args.decode_steps,
                           max_seconds=args.max_seconds, progress=not args.no_progress)
-    from spb2_jax.eval.speed import variant_config
-    from spb2_jax.options import resolve_options
-
     summary = {}
     calibration = tuple(sorted(args.lengths)[:2]) if len(args.lengths) >= 2 else None
     for v, c in curves.items():

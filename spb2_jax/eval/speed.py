@@ -75,7 +75,10 @@ def _is_oom(e: BaseException) -> bool:
 
 def compiled_peak_bytes(compiled) -> int | None:
     """XLA's accounting of a compiled program: arguments + outputs + temporaries - aliased (donated) bytes."""
-    m = compiled.memory_analysis()
+    return _accounted_bytes(compiled.memory_analysis())
+
+
+def _accounted_bytes(m) -> int | None:
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
@@ -96,8 +99,8 @@ def measure_point(config: SpB2Config, options, params, T: int, *, decode_steps: 
     t0 = time.perf_counter()
     compiled = extend_in_place.lower(params, ids, valid, cache, **kw).compile()
     compile_s = time.perf_counter() - t0
-    xla = compiled_peak_bytes(compiled)
     mem = compiled.memory_analysis()
+    xla = _accounted_bytes(mem)
     t0 = time.perf_counter()
     logits, cache = compiled(params, ids, valid, cache)
     first = int(np.asarray(jnp.argmax(logits[0, -1])))  # on the host: the first token is known
